@@ -1,0 +1,299 @@
+"""Typed configuration: TRL's `DPOConfig` and `ModelConfig` extended with this method's fields.
+
+Everything is parsed once, by `parse_args`, and validated by `validate`, which reports every problem
+at once and names the launcher variable (`ALPHA`) and the flag (`--aligned_loss_weight`) to change.
+Defaults here equal the defaults of `fast_train.sh` (a test checks it): with none given, the embedded
+tiny model trains on the embedded data set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import DPOConfig, ModelConfig
+
+from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUN_NAME = "Preference_Guided_DPO"
+DEFAULT_PREFERENCE_TEXT = "Please provide a helpful, honest, harmless and concise answer."
+TRAINING_MODES = ("text", "embedding")
+PREFERENCE_POSITIONS = ("system", "user")
+ALIGN_LOSSES = ("hinge",)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+# Launcher variable -> flag. Error messages name both; the README's table is checked against this one.
+LAUNCHER_VARIABLES = {
+    "POLICY_MODEL_PATH": "model_name_or_path",
+    "REFERENCE_MODEL_PATH": "reference_model_path",
+    "TRAIN_DATASET_PATH": "train_dataset_path",
+    "TEST_DATASET_PATH": "test_dataset_path",
+    "TRAINING_MODE": "training_mode",
+    "PREFERENCE_TEXT": "preference_text",
+    "PREFERENCE_POSITION": "preference_position",
+    "PROMPT_EMBEDDING_PATH": "prompt_embedding_path",
+    "ALIGN_LOSS": "align_loss",
+    "BETA": "beta",
+    "ALPHA": "aligned_loss_weight",
+    "LEARNING_RATE": "learning_rate",
+    "NUM_EPOCHS": "num_train_epochs",
+    "MAX_STEPS": "max_steps",
+    "PER_DEVICE_BATCH_SIZE": "per_device_train_batch_size",
+    "GRADIENT_ACCUM_STEPS": "gradient_accumulation_steps",
+    "LORA_R": "lora_r",
+    "LORA_ALPHA": "lora_alpha",
+    "LORA_DROPOUT": "lora_dropout",
+    "LORA_TARGET_MODULES": "lora_target_modules",
+    "MAX_LENGTH": "max_length",
+    "MAX_PROMPT_LENGTH": "max_prompt_length",
+    "PRECISION": "precision",
+    "GRADIENT_CHECKPOINTING": "gradient_checkpointing",
+    "SEED": "seed",
+    "LOGGING_STEPS": "logging_steps",
+    "EVAL_STEPS": "eval_steps",
+    "SAVE_STEPS": "save_steps",
+    "RESUME": "resume_from_checkpoint",
+    "MERGE_ADAPTER": "merge_adapter",
+    "RUN_NAME": "run_name",
+    "OUTPUT_DIR": "output_dir",
+    "LOG_DIR": "log_dir",
+}
+_FLAG_TO_VARIABLE = {flag: var for var, flag in LAUNCHER_VARIABLES.items()}
+
+
+def describe(flag: str) -> str:
+    """`ALPHA (--aligned_loss_weight)` for a flag the launcher sets, `--flag` otherwise."""
+    variable = _FLAG_TO_VARIABLE.get(flag)
+    return f"{variable} (--{flag})" if variable else f"--{flag}"
+
+
+@dataclass
+class DataArguments:
+    """Where the preference pairs come from."""
+
+    train_dataset_path: str = field(
+        default=str(REPO_ROOT / "data" / "preference_pairs" / "train.jsonl"),
+        metadata={"help": "Training pairs: a .jsonl, .json or .parquet file, or a `save_to_disk` folder."},
+    )
+    test_dataset_path: str | None = field(
+        default=str(REPO_ROOT / "data" / "preference_pairs" / "test.jsonl"),
+        metadata={"help": "Held-out pairs for evaluation, same formats; empty for none."},
+    )
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's `ModelConfig` (model path, LoRA) plus the reference model. LoRA is on by default."""
+
+    model_name_or_path: str | None = field(
+        default="tiny_model",
+        metadata={"help": "Policy model: a local folder or a Hub id (the embedded default is built in `tiny_model`)."},
+    )
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the reference is the adapter off)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
+    reference_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A different reference model, loaded frozen. Empty: the policy with the LoRA adapter disabled, "
+            "which needs no second copy in memory."
+        },
+    )
+
+
+@dataclass
+class PreferenceDPOConfig(DPOConfig):
+    """TRL's `DPOConfig` plus the preference instruction, the aligned loss and the output layout.
+
+    `beta`, `loss_type`, `max_length` and every other DPO and training field are TRL's own.
+    """
+
+    # Our fields
+    training_mode: str = field(
+        default="text",
+        metadata={"help": "How the preference instruction is given.", "choices": list(TRAINING_MODES)},
+    )
+    preference_text: str = field(
+        default=DEFAULT_PREFERENCE_TEXT, metadata={"help": "The instruction text (text mode)."}
+    )
+    preference_position: str = field(
+        default="system",
+        metadata={
+            "help": "Where the instruction goes in a conversational prompt: `system` (appended to the system "
+            "message, or a new one first) or `user` (before the first user message). Plain-string prompts always "
+            "get it first, followed by a blank line.",
+            "choices": list(PREFERENCE_POSITIONS),
+        },
+    )
+    prompt_embedding_path: str | None = field(
+        default=None,
+        metadata={"help": "Soft-prompt tensor [k, hidden] or [hidden] (embedding mode): .pt/.bin or .safetensors."},
+    )
+    aligned_loss_weight: float = field(
+        default=0.1,
+        metadata={"help": "ALPHA: weight of the aligned loss; 0 is plain DPO (the guided view is then skipped)."},
+    )
+    align_loss: str = field(
+        default="hinge",
+        metadata={"help": "Form of the aligned loss; `hinge` is relu(stopgrad(h_pref) - h_base).", "choices": list(ALIGN_LOSSES)},
+    )
+    max_prompt_length: int = field(
+        default=128,
+        metadata={
+            "help": "Pairs whose prompt, with the instruction in it, has more tokens than this are dropped "
+            "(and counted in the log)."
+        },
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "`auto`: bf16 on GPUs that support it, fp32 otherwise.", "choices": list(PRECISIONS)},
+    )
+    log_dir: str | None = field(
+        default=None, metadata={"help": "TensorBoard folder. Default: logs/<run_name>."}
+    )
+    merge_adapter: bool = field(
+        default=False, metadata={"help": "Also write the base model with the adapter merged, to <output_dir>/merged."}
+    )
+
+    # TRL / transformers fields whose defaults differ for this tool (as TRL itself overrides learning_rate)
+    output_dir: str | None = field(default=None, metadata={"help": "Default: model_output/<run_name>."})
+    run_name: str | None = field(default=DEFAULT_RUN_NAME, metadata={"help": "Names the run and its default folders."})
+    beta: float = field(default=0.05, metadata={"help": "DPO temperature (0.01-0.5; smaller is more conservative)."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Pairs per device per micro-step."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Pairs per device per eval step."})
+    max_length: int | None = field(
+        default=300, metadata={"help": "Longest sequence (prompt with instruction + response) in tokens."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=True, metadata={"help": "Compute the reference log-probs once before training."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "`steps`, `epoch` or `no` (no test set: `no`)."})
+    eval_steps: float | None = field(default=50, metadata={"help": "Evaluate every N steps."})
+    save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps (a float < 1 is a fraction)."})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = os.path.join("model_output", self.run_name or DEFAULT_RUN_NAME)
+        if self.log_dir is None:
+            self.log_dir = os.path.join("logs", self.run_name or DEFAULT_RUN_NAME)
+        if self.precision in PRECISIONS:  # an unknown value is reported by `validate`
+            self.bf16, self.fp16 = _resolve_precision(self.precision)
+        super().__post_init__()
+
+
+def _resolve_precision(precision: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for a precision name; `auto` is bf16 where the GPU supports it, else fp32."""
+    if precision == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()), False
+    return precision == "bf16", precision == "fp16"
+
+
+def _check_choice(problems: list[str], flag: str, value, choices) -> None:
+    if value not in choices:
+        problems.append(f"{describe(flag)} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOConfig) -> None:
+    """Raise `UserInputError` listing every problem; warn about legal but unusual values."""
+    problems: list[str] = []
+    _check_choice(problems, "training_mode", train.training_mode, TRAINING_MODES)
+    _check_choice(problems, "preference_position", train.preference_position, PREFERENCE_POSITIONS)
+    _check_choice(problems, "align_loss", train.align_loss, ALIGN_LOSSES)
+    _check_choice(problems, "precision", train.precision, PRECISIONS)
+    if train.training_mode == "text" and not train.preference_text.strip():
+        problems.append(f"{describe('preference_text')} is empty: text mode needs the instruction text.")
+    if train.training_mode == "embedding":
+        if not train.prompt_embedding_path:
+            problems.append(f"{describe('prompt_embedding_path')} is required in embedding mode: give the .pt file.")
+        elif not os.path.isfile(train.prompt_embedding_path):
+            problems.append(f"{describe('prompt_embedding_path')}: no such file {train.prompt_embedding_path!r}.")
+
+    def positive(flag: str, value, strict: bool = True, hint: str = "") -> None:
+        if strict and not value > 0 or not strict and not value >= 0:
+            bound = "> 0" if strict else ">= 0"
+            problems.append(f"{describe(flag)} must be {bound}; got {value}.{hint}")
+
+    positive("beta", train.beta, hint=" Typical: 0.01-0.5.")
+    positive("aligned_loss_weight", train.aligned_loss_weight, strict=False, hint=" Use 0 for plain DPO.")
+    positive("learning_rate", train.learning_rate, hint=" Typical: 1e-5 to 1e-3.")
+    positive("per_device_train_batch_size", train.per_device_train_batch_size)
+    if train.gradient_accumulation_steps < 1:
+        problems.append(f"{describe('gradient_accumulation_steps')} must be >= 1; got {train.gradient_accumulation_steps}.")
+    if train.max_steps <= 0 and not train.num_train_epochs > 0:
+        problems.append(f"{describe('num_train_epochs')} must be > 0 (or set {describe('max_steps')}).")
+    if model.use_peft:
+        if model.lora_r < 1:
+            problems.append(f"{describe('lora_r')} must be >= 1; got {model.lora_r}. Typical: 8, 16, 32, 64.")
+        positive("lora_alpha", model.lora_alpha, hint=" Usually 2 * LORA_R.")
+        if not 0 <= model.lora_dropout < 1:
+            problems.append(f"{describe('lora_dropout')} must be in [0, 1); got {model.lora_dropout}.")
+    if train.max_length is None or train.max_length < 2:
+        problems.append(f"{describe('max_length')} must be >= 2; got {train.max_length}.")
+    elif not 1 <= train.max_prompt_length < train.max_length:
+        problems.append(
+            f"{describe('max_prompt_length')} must be >= 1 and < {describe('max_length')}; got "
+            f"{train.max_prompt_length} and {train.max_length}."
+        )
+    if train.ld_alpha is not None:
+        problems.append("--ld_alpha is not supported: the aligned loss compares plain summed log-probs.")
+    if not data.train_dataset_path:
+        problems.append(f"{describe('train_dataset_path')} is empty: give the training data file.")
+    elif not os.path.exists(data.train_dataset_path):
+        problems.append(f"{describe('train_dataset_path')}: no such file or folder {data.train_dataset_path!r}.")
+    if data.test_dataset_path and not os.path.exists(data.test_dataset_path):
+        problems.append(
+            f"{describe('test_dataset_path')}: no such file or folder {data.test_dataset_path!r} "
+            "(leave it empty for no evaluation)."
+        )
+    for flag, path in (("model_name_or_path", model.model_name_or_path), ("reference_model_path", model.reference_model_path)):
+        if path and _looks_local(path) and not os.path.isdir(path):
+            hint = " Run ./fast_train.sh once to build the embedded default." if flag == "model_name_or_path" else ""
+            problems.append(f"{describe(flag)}: no such model folder {path!r}.{hint}")
+    if problems:
+        raise UserInputError(problems)
+
+    for flag, value, low, high in (
+        ("beta", train.beta, 0.01, 0.5),
+        ("learning_rate", train.learning_rate, 1e-5, 1e-3),
+    ):
+        if not low <= value <= high:
+            logger.warning("%s = %g is outside the usual range %g-%g.", describe(flag), value, low, high)
+    if train.aligned_loss_weight > 0.5:
+        logger.warning(
+            "%s = %g is large: the hinge never saturates, so margins can grow without bound (see METHOD.md).",
+            describe("aligned_loss_weight"),
+            train.aligned_loss_weight,
+        )
+
+
+def _looks_local(path: str) -> bool:
+    """A Hub id is `org/name`; anything else (./x, /x, x/y/z, a bare folder name) is a local path."""
+    if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
+        return True
+    return path.count("/") != 1 or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, PreferenceDPOConfig]:
+    """Parse the command line once into the three typed configs and validate them."""
+    from trl import TrlParser
+
+    parser = TrlParser((DataArguments, ModelArguments, PreferenceDPOConfig))
+    data, model, train = parser.parse_args_and_config(args=argv)
+    if data.test_dataset_path == "":
+        data.test_dataset_path = None
+    if model.reference_model_path == "":
+        model.reference_model_path = None
+    validate(data, model, train)
+    return data, model, train

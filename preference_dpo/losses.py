@@ -1,0 +1,73 @@
+"""The preference-guided DPO objective as pure tensor functions (METHOD.md, "Loss").
+
+Inputs are per-pair summed log-probs of the response tokens, shape [batch]:
+
+    h_base = logp_theta(y_w | x)   - logp_theta(y_l | x)         (with gradient)
+    h_pref = logp_theta(y_w | p,x) - logp_theta(y_l | p,x)       (no gradient: the guided view)
+    dpo_loss     = mean(-log sigmoid(beta * [(logp(y_w|x) - ref(y_w|x)) - (logp(y_l|x) - ref(y_l|x))]))
+    aligned_loss = mean(relu(stopgrad(h_pref) - h_base))          ("hinge", the user's method)
+    loss         = dpo_loss + alpha * aligned_loss
+
+The trainer takes `dpo_loss` from TRL (any TRL `loss_type`); `dpo_sigmoid_loss` here is the reference
+formula the tests hold TRL's value to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_sigmoid_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Rafailov et al. (2023), eq. 7: mean over pairs of -log sigmoid(beta * (chosen - rejected log-ratio))."""
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def hinge_aligned_loss(h_pref: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
+    """mean(relu(stopgrad(h_pref) - h_base)): raise the un-instructed margin to the instructed one."""
+    return torch.relu(h_pref.detach() - h_base).mean()
+
+
+ALIGNED_LOSSES = {"hinge": hinge_aligned_loss}
+
+
+def aligned_loss(kind: str, h_pref: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
+    """The aligned-loss form `kind` (see `ALIGNED_LOSSES`)."""
+    return ALIGNED_LOSSES[kind](h_pref, h_base)
+
+
+@dataclass(frozen=True)
+class PreferenceStats:
+    """Per-pair quantities behind the preference metrics (all detached)."""
+
+    delta_w: torch.Tensor  # logp(y_w|p,x) - logp(y_w|x)
+    delta_l: torch.Tensor  # logp(y_l|p,x) - logp(y_l|x)
+    active: torch.Tensor  # 1.0 where h_pref > h_base (the hinge is pushing)
+
+    @property
+    def advantage(self) -> torch.Tensor:
+        """h_pref - h_base per pair."""
+        return self.delta_w - self.delta_l
+
+
+def preference_stats(
+    base_chosen: torch.Tensor, base_rejected: torch.Tensor, guided_chosen: torch.Tensor, guided_rejected: torch.Tensor
+) -> PreferenceStats:
+    base_chosen, base_rejected = base_chosen.detach(), base_rejected.detach()
+    delta_w = guided_chosen.detach() - base_chosen
+    delta_l = guided_rejected.detach() - base_rejected
+    return PreferenceStats(delta_w=delta_w, delta_l=delta_l, active=(delta_w - delta_l > 0).float())
+
+
+def pref_advantage_ratio(advantage: torch.Tensor) -> torch.Tensor:
+    """exp(mean(h_pref - h_base)): the geometric mean over pairs of the instruction's odds gain."""
+    return advantage.mean().exp()

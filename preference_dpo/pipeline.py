@@ -1,0 +1,179 @@
+"""One training run, end to end: check inputs, load, train, evaluate, save.
+
+Order matters for the user: everything that can be wrong with the inputs (data files, the model's
+config, the embedding file, the token limits) is checked before any model weights are loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
+from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "tokenizers")
+RUN_CONFIG_NAME = "run_config.json"
+
+
+def check_causal_lm(path: str, flag: str, trust_remote_code: bool):
+    """The model's config, loaded without weights; `UserInputError` unless it is a causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"{describe(flag)} {path!r}: cannot load a model config ({first_line}).") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserInputError(
+            f"{describe(flag)} {path!r}: model type {config.model_type!r} is not a causal language model."
+        )
+    return config
+
+
+def resolve_resume(train_args: PreferenceDPOConfig) -> str | None:
+    """`--resume_from_checkpoint auto|true` means the newest checkpoint in the output folder, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = train_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "no", "0"):
+        return None
+    if str(value).lower() in ("auto", "true", "yes", "1"):
+        last = get_last_checkpoint(train_args.output_dir) if os.path.isdir(train_args.output_dir) else None
+        if last:
+            logger.info("Resuming from %s", last)
+        return last
+    if not os.path.isdir(value):
+        raise UserInputError(f"{describe('resume_from_checkpoint')}: no such checkpoint folder {value!r}.")
+    return value
+
+
+def library_versions() -> dict[str, str]:
+    return {name: version(name) for name in LIBRARIES}
+
+
+def write_run_config(path: Path, data_args, model_args, train_args, extra: dict) -> None:
+    """Every setting, resolved, plus library versions: enough to rerun or audit the run."""
+    content = {
+        "data": dataclasses.asdict(data_args),
+        "model": dataclasses.asdict(model_args),
+        "training": train_args.to_dict(),
+        "versions": library_versions(),
+        **extra,
+    }
+    path.write_text(json.dumps(content, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def run(data_args: DataArguments, model_args: ModelArguments, train_args: PreferenceDPOConfig) -> dict[str, float]:
+    """Train and save; return the final evaluation metrics (empty without a test set)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_peft_config
+
+    from .data import load_preference_dataset
+    from .metrics import TensorBoardMetricsCallback
+    from .trainer import PreferenceGuidedDPOTrainer
+    from .views import PreferenceViewsCollator, load_prompt_embedding, tokenize_preference_dataset
+
+    started = time.monotonic()
+    remote = train_args.trust_remote_code
+    # --- everything checkable without weights ---
+    config = check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote)
+    if model_args.reference_model_path:
+        check_causal_lm(model_args.reference_model_path, "reference_model_path", remote)
+    prompt_embedding = None
+    if train_args.training_mode == "embedding":
+        prompt_embedding = load_prompt_embedding(train_args.prompt_embedding_path, config.get_text_config().hidden_size)
+        logger.info("Prompt embedding: %d virtual tokens of size %d", *prompt_embedding.shape)
+    num_soft_tokens = 0 if prompt_embedding is None else prompt_embedding.shape[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=remote)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenize_kwargs = {
+        "preference_text": train_args.preference_text,
+        "preference_position": train_args.preference_position,
+        "num_soft_tokens": num_soft_tokens,
+        "max_length": train_args.max_length,
+        "max_prompt_length": train_args.max_prompt_length,
+        "num_proc": train_args.dataset_num_proc,
+    }
+    train_dataset = tokenize_preference_dataset(
+        load_preference_dataset(data_args.train_dataset_path), tokenizer, name="train", **tokenize_kwargs
+    )
+    eval_dataset = None
+    if data_args.test_dataset_path:
+        eval_dataset = tokenize_preference_dataset(
+            load_preference_dataset(data_args.test_dataset_path), tokenizer, name="test", **tokenize_kwargs
+        )
+    elif train_args.eval_strategy != "no":
+        logger.info("No test set: evaluation is off.")
+        train_args.eval_strategy = "no"
+    resume_from = resolve_resume(train_args)
+
+    # --- weights ---
+    dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32
+    load_kwargs = {"dtype": dtype, "trust_remote_code": remote}
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs)
+    ref_model = None
+    if model_args.reference_model_path:
+        ref_model = AutoModelForCausalLM.from_pretrained(model_args.reference_model_path, **load_kwargs)
+
+    tensorboard = TensorBoardMetricsCallback(train_args.log_dir)
+    trainer = PreferenceGuidedDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=train_args,
+        data_collator=PreferenceViewsCollator(
+            pad_token_id=tokenizer.pad_token_id, max_length=train_args.max_length, num_soft_tokens=num_soft_tokens
+        ),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[tensorboard],
+        prompt_embedding=prompt_embedding,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    final_metrics: dict[str, float] = {}
+    if eval_dataset is not None:
+        final_metrics = trainer.evaluate()
+    tensorboard.close()
+
+    save_outputs(trainer, tokenizer, config, data_args, model_args, train_args, final_metrics, len(train_dataset))
+    if trainer.is_world_process_zero():
+        elapsed = time.monotonic() - started
+        summary = f"Finished {trainer.state.global_step} steps in {elapsed:.0f} s"
+        if final_metrics:
+            summary += (
+                f"; held-out reward accuracy {final_metrics['eval_rewards/accuracies']:.3f}, "
+                f"pref_advantage_ratio {final_metrics['eval_pref_advantage_ratio']:.3f}"
+            )
+        logger.info("%s. Adapter in %s, TensorBoard in %s", summary, train_args.output_dir, train_args.log_dir)
+    return final_metrics
+
+
+def save_outputs(trainer, tokenizer, base_config, data_args, model_args, train_args, final_metrics, n_train) -> None:
+    """The user guide's output layout in `output_dir` (adapter, tokenizer, configs, state), and `merged/`."""
+    output_dir = Path(train_args.output_dir)
+    trainer.save_model(str(output_dir))  # adapter (safetensors), tokenizer files, training_args.bin
+    if not trainer.is_world_process_zero():
+        return
+    base_config.save_pretrained(output_dir)  # config.json: the base model's
+    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    extra = {"train_pairs": n_train, "final_eval_metrics": final_metrics}
+    write_run_config(output_dir / RUN_CONFIG_NAME, data_args, model_args, train_args, extra)
+    if train_args.merge_adapter:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(output_dir / "merged")
+        tokenizer.save_pretrained(output_dir / "merged")
+        logger.info("Merged model written to %s", output_dir / "merged")

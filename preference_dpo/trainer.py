@@ -1,0 +1,125 @@
+"""`PreferenceGuidedDPOTrainer`: TRL's `DPOTrainer` plus the guided view and the aligned loss.
+
+What it relies on in TRL 1.16 (pinned; `tests/test_trl_contract.py` fails loudly if any of it moves):
+- `DPOTrainer._compute_loss(model, inputs, return_outputs)` returns the DPO loss of the base view and
+  calls the policy first, as `model(..., labels=..., fused_lm_head=True)`, whose output carries
+  per-token `log_probs` (zero off the completion). A forward hook picks that output up, so the base-view
+  log-probs with gradient come from TRL's own forward: no second forward with gradient.
+- `_prepare_dataset`, `_set_signature_columns_if_needed`, `compute_ref_log_probs` and the
+  `self._metrics[mode]` lists that `log` averages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+from .losses import aligned_loss, pref_advantage_ratio, preference_stats
+from .views import split_views
+
+GUIDED_COLUMNS = ("guided_prompt_ids",)
+
+
+@contextlib.contextmanager
+def capture_fused_outputs(module: torch.nn.Module) -> Iterator[list[Any]]:
+    """Collect, in call order, the outputs of `module`'s forwards made with `fused_lm_head=True`."""
+    captured: list[Any] = []
+
+    def hook(_module, _args, kwargs, output):
+        if kwargs.get("fused_lm_head"):
+            captured.append(output)
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def sequence_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed response log-probs, exactly as TRL sums them (rows: chosen..., rejected...)."""
+    seq_len = completion_mask.size(1) - 1
+    return per_token_logps[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+
+
+class PreferenceGuidedDPOTrainer(DPOTrainer):
+    """DPO on the base view, plus `ALPHA * aligned_loss` against the guided view (METHOD.md).
+
+    Datasets must come from `views.tokenize_preference_dataset` and batches from
+    `views.PreferenceViewsCollator`. `prompt_embedding` ([k, hidden]) selects embedding mode.
+    """
+
+    def __init__(self, *args, prompt_embedding: torch.Tensor | None = None, **kwargs):
+        self.prompt_embedding = prompt_embedding
+        super().__init__(*args, **kwargs)
+
+    # --- data: both views are tokenized before the model is loaded, so TRL's own pass is skipped ---
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        missing = {"prompt_ids", "chosen_ids", "rejected_ids", *GUIDED_COLUMNS} - set(dataset.column_names)
+        if missing:
+            raise ValueError(
+                f"The {dataset_name} dataset lacks {sorted(missing)}: tokenize it with "
+                "`preference_dpo.views.tokenize_preference_dataset` first."
+            )
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *(c for c in GUIDED_COLUMNS if c not in self._signature_columns)]
+
+    def compute_ref_log_probs(self, model, inputs):
+        base, _ = split_views(inputs)
+        return super().compute_ref_log_probs(model, base)
+
+    # --- loss ---
+
+    def _guided_logps(self, model, guided: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs of the guided view, policy weights, no gradient."""
+        labels = guided["input_ids"].masked_fill(guided["completion_mask"] == 0, -100)
+        kwargs: dict[str, Any] = {"attention_mask": guided["attention_mask"], "use_cache": False}
+        if "soft_token_mask" in guided:
+            embed = self.accelerator.unwrap_model(model).get_input_embeddings()
+            with torch.no_grad():
+                embeds = embed(guided["input_ids"])
+            soft = self.prompt_embedding.to(device=embeds.device, dtype=embeds.dtype)
+            # masked_scatter fills the masked positions row by row, k per row, in order
+            source = soft.repeat(embeds.size(0), 1)
+            kwargs["inputs_embeds"] = embeds.masked_scatter(guided["soft_token_mask"].unsqueeze(-1), source)
+        else:
+            kwargs["input_ids"] = guided["input_ids"]
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            outputs = model(**kwargs, labels=labels, fused_lm_head=True)
+        return sequence_logps(outputs.log_probs, guided["completion_mask"])
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        base, guided = split_views(inputs)
+        with capture_fused_outputs(self.accelerator.unwrap_model(model)) as captured:
+            result = super()._compute_loss(model, base, return_outputs)
+        dpo_loss = result[0] if return_outputs else result
+        metrics = self._metrics[mode]
+        gather = self.accelerator.gather
+        metrics["dpo_loss"].append(gather(dpo_loss.detach()).mean().item())
+
+        loss = dpo_loss
+        weight = self.args.aligned_loss_weight
+        # Training with ALPHA=0 is plain DPO: skip the guided forward. Evaluation always measures it.
+        if weight > 0 or mode == "eval":
+            base_chosen, base_rejected = sequence_logps(captured[0].log_probs, base["completion_mask"])
+            guided_chosen, guided_rejected = self._guided_logps(model, guided)
+            aligned = aligned_loss(self.args.align_loss, guided_chosen - guided_rejected, base_chosen - base_rejected)
+            if weight > 0:
+                loss = dpo_loss + weight * aligned
+            stats = preference_stats(base_chosen, base_rejected, guided_chosen, guided_rejected)
+            metrics["aligned_loss"].append(gather(aligned.detach()).mean().item())
+            metrics["pref_advantage_ratio"].append(pref_advantage_ratio(gather(stats.advantage)).item())
+            metrics["pref_delta_w"].append(gather(stats.delta_w).mean().item())
+            metrics["pref_delta_l"].append(gather(stats.delta_l).mean().item())
+            metrics["aligned_active_frac"].append(gather(stats.active).mean().item())
+        return (loss, result[1]) if return_outputs else loss

@@ -1,0 +1,268 @@
+"""The two views of every pair (METHOD.md): base `x, y` and guided `x with p, y`.
+
+Both views share the exact completion token ids: the completion is tokenized once, with the base
+prompt as TRL does, and appended to both prompts. Completions are cut so that the *guided* sequence fits
+`max_length`, which makes the base sequence fit too and keeps the two views' completions identical.
+
+- Text mode: `p` is text placed in the prompt (`insert_instruction`) and tokenized with it.
+- Embedding mode: `p` is `k` soft tokens. The guided prompt is the base prompt followed by `k`
+  placeholder ids; the trainer swaps their input embeddings for the loaded tensor (`soft_token_mask`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl.data_utils import common_prefix_length
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+
+# --- text mode ---------------------------------------------------------------------------------------
+
+
+def insert_instruction(prompt: str | list[dict[str, str]], text: str, position: str = "system"):
+    """The prompt with the instruction `text` in it (a new object; `prompt` is not modified).
+
+    Plain strings: `text`, a blank line, the prompt. Conversations, `position="system"`: appended to the
+    first system message after a blank line, or a new system message first; `position="user"`: before the
+    first user message, followed by a blank line.
+    """
+    if isinstance(prompt, str):
+        return f"{text}\n\n{prompt}"
+    messages = [dict(m) for m in prompt]
+    if position == "system":
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n\n{text}"
+        else:
+            messages.insert(0, {"role": "system", "content": text})
+        return messages
+    if position == "user":
+        for message in messages:
+            if message["role"] == "user":
+                message["content"] = f"{text}\n\n{message['content']}"
+                return messages
+        raise UserInputError("A conversational prompt has no user message to put the instruction before.")
+    raise ValueError(f"unknown instruction position {position!r}")
+
+
+# --- embedding mode ----------------------------------------------------------------------------------
+
+
+def load_prompt_embedding(path: str | os.PathLike, hidden_size: int) -> torch.Tensor:
+    """Read and check a soft prompt: a float tensor [k, hidden_size] (or [hidden_size], read as k=1).
+
+    Never runs pickled code: `.safetensors` files are read with safetensors, anything else with
+    `torch.load(weights_only=True)`, which refuses arbitrary objects. Accepted containers: a bare tensor,
+    or a dict holding exactly one 2-D float tensor.
+    """
+    where = f"PROMPT_EMBEDDING_PATH {str(path)!r}"
+    if not os.path.isfile(path):
+        raise UserInputError(f"{where}: no such file.")
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            content: Any = load_file(str(path))
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; the message says what was refused
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it holds pickled Python objects, which are refused so that loading cannot run code"
+        raise UserInputError(f"{where}: cannot be read as a tensor file: {reason}.") from None
+
+    if isinstance(content, dict):
+        candidates = {k: v for k, v in content.items() if torch.is_tensor(v) and v.dim() == 2 and v.is_floating_point()}
+        if len(candidates) != 1:
+            raise UserInputError(
+                f"{where}: a dict must hold exactly one 2-D float tensor (e.g. 'prompt_embeddings'); "
+                f"found {len(candidates)} among keys {sorted(map(str, content))}."
+            )
+        content = next(iter(candidates.values()))
+    if not torch.is_tensor(content):
+        raise UserInputError(f"{where}: holds a {type(content).__name__}, not a tensor.")
+    if not content.is_floating_point():
+        raise UserInputError(f"{where}: tensor has dtype {content.dtype}; soft prompts must be floating point.")
+    if content.dim() == 1:
+        content = content.unsqueeze(0)
+    if content.dim() != 2:
+        raise UserInputError(
+            f"{where}: tensor has shape {tuple(content.shape)}; expected [num_tokens, hidden_size] or [hidden_size]."
+        )
+    if content.numel() == 0 or content.shape[0] == 0:
+        raise UserInputError(f"{where}: tensor is empty (shape {tuple(content.shape)}); it needs at least one token.")
+    if content.shape[1] != hidden_size:
+        raise UserInputError(
+            f"{where}: embedding dimension is {content.shape[1]} but the model's hidden size is {hidden_size}; "
+            "use embeddings trained for this model."
+        )
+    if not torch.isfinite(content).all():
+        raise UserInputError(f"{where}: tensor holds NaN or Inf values.")
+    return content.detach().to(torch.float32).contiguous()
+
+
+# --- tokenization of both views ------------------------------------------------------------------------
+
+
+def _ids(tokenizer, value, **chat_kwargs) -> list[int]:
+    if isinstance(value, list):
+        return list(tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **chat_kwargs)["input_ids"])
+    return list(tokenizer(text=value)["input_ids"])
+
+
+def tokenize_views(
+    example: dict[str, Any],
+    tokenizer,
+    preference_text: str | None,
+    preference_position: str,
+    num_soft_tokens: int,
+    max_length: int,
+) -> dict[str, Any]:
+    """Token ids of one pair's base prompt, guided prompt and the two shared completions.
+
+    Mirrors TRL's DPO tokenization for the base view (chat template with generation prompt; EOS added to
+    plain-text completions; completion starts where prompt and prompt+completion diverge). Completions are
+    cut to `max_length - len(guided_prompt_ids)` tokens (`truncated` tells whether any was).
+    """
+    prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+    conversational = isinstance(prompt, list)
+    if not conversational:
+        eos = tokenizer.eos_token
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+    chat = {"add_generation_prompt": True} if conversational else {}
+    prompt_ids = _ids(tokenizer, prompt, **chat)
+    prompt_chosen_ids = _ids(tokenizer, prompt + chosen)
+    prompt_rejected_ids = _ids(tokenizer, prompt + rejected)
+    prompt_len = min(
+        common_prefix_length(prompt_ids, prompt_chosen_ids), common_prefix_length(prompt_ids, prompt_rejected_ids)
+    )
+    chosen_ids = prompt_chosen_ids[prompt_len:]
+    rejected_ids = prompt_rejected_ids[prompt_len:]
+    prompt_ids = prompt_ids[:prompt_len]
+
+    if num_soft_tokens:
+        guided_prompt_ids = prompt_ids + [tokenizer.pad_token_id] * num_soft_tokens
+    else:
+        guided_prompt = insert_instruction(example["prompt"], preference_text, preference_position)
+        guided_prompt_ids = _ids(tokenizer, guided_prompt, **chat)
+
+    room = max(max_length - len(guided_prompt_ids), 0)
+    truncated = len(chosen_ids) > room or len(rejected_ids) > room
+    return {
+        "prompt_ids": prompt_ids,
+        "guided_prompt_ids": guided_prompt_ids,
+        "chosen_ids": chosen_ids[:room],
+        "rejected_ids": rejected_ids[:room],
+        "truncated": truncated,
+    }
+
+
+def tokenize_preference_dataset(
+    dataset,
+    tokenizer,
+    *,
+    name: str,
+    preference_text: str | None,
+    preference_position: str,
+    num_soft_tokens: int,
+    max_length: int,
+    max_prompt_length: int,
+    num_proc: int | None = None,
+):
+    """Tokenize both views of every pair and drop pairs whose guided prompt exceeds `max_prompt_length`.
+
+    The limit applies to the guided prompt (the longer one) so that runs with and without the aligned loss
+    see the same pairs. Raises `UserInputError` if no pair is left.
+    """
+    if num_soft_tokens >= max_prompt_length:
+        raise UserInputError(
+            f"The prompt embedding has {num_soft_tokens} virtual tokens, which leaves no room for a prompt within "
+            f"MAX_PROMPT_LENGTH (--max_prompt_length) = {max_prompt_length}; raise it or use fewer tokens."
+        )
+    tokenized = dataset.map(
+        tokenize_views,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "preference_text": preference_text,
+            "preference_position": preference_position,
+            "num_soft_tokens": num_soft_tokens,
+            "max_length": max_length,
+        },
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc=f"Tokenizing both views of the {name} pairs",
+    )
+    total = len(tokenized)
+    kept = tokenized.filter(
+        lambda ex: len(ex["guided_prompt_ids"]) <= max_prompt_length,
+        num_proc=num_proc,
+        desc=f"Dropping {name} pairs over MAX_PROMPT_LENGTH",
+    )
+    dropped = total - len(kept)
+    if len(kept) == 0:
+        longest = max(len(ids) for ids in tokenized["guided_prompt_ids"])
+        raise UserInputError(
+            f"All {total} {name} pairs were dropped: every prompt with the instruction is longer than "
+            f"MAX_PROMPT_LENGTH (--max_prompt_length) = {max_prompt_length} tokens (longest: {longest}); raise "
+            "MAX_PROMPT_LENGTH (and MAX_LENGTH) or shorten the instruction."
+        )
+    if dropped:
+        logger.warning(
+            "Dropped %d of %d %s pairs whose prompt with the instruction exceeds MAX_PROMPT_LENGTH=%d tokens.",
+            dropped, total, name, max_prompt_length,
+        )
+    n_truncated = sum(kept["truncated"])
+    if n_truncated:
+        logger.info(
+            "Truncated the responses of %d of %d %s pairs to fit MAX_LENGTH=%d (both views keep the same tokens).",
+            n_truncated, len(kept), name, max_length,
+        )
+    return kept.remove_columns("truncated")
+
+
+# --- batching ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceViewsCollator(DataCollatorForPreference):
+    """TRL's preference collator, plus the guided view of the same pairs under `guided_*` keys.
+
+    `guided_soft_token_mask` (embedding mode only) marks the `num_soft_tokens` placeholder positions
+    at the end of each guided prompt, where the trainer inserts the soft prompt.
+    """
+
+    num_soft_tokens: int = 0
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        guided_examples = [
+            {"prompt_ids": ex["guided_prompt_ids"], "chosen_ids": ex["chosen_ids"], "rejected_ids": ex["rejected_ids"]}
+            for ex in examples
+        ]
+        guided = super().torch_call(guided_examples)
+        batch["guided_input_ids"] = guided["input_ids"]
+        batch["guided_attention_mask"] = guided["attention_mask"]
+        batch["guided_completion_mask"] = guided["completion_mask"]
+        if self.num_soft_tokens:
+            mask = torch.zeros_like(guided["input_ids"], dtype=torch.bool)
+            for row, ex in enumerate(guided_examples + guided_examples):  # rows: chosen..., rejected...
+                end = len(ex["prompt_ids"])
+                mask[row, end - self.num_soft_tokens : end] = True
+            batch["guided_soft_token_mask"] = mask
+        return batch
+
+
+def split_views(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(base inputs as TRL expects them, guided inputs with the `guided_` prefix removed)."""
+    base = {k: v for k, v in inputs.items() if not k.startswith("guided_")}
+    guided = {k.removeprefix("guided_"): v for k, v in inputs.items() if k.startswith("guided_")}
+    return base, guided

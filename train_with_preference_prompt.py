@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Preference-guided DPO: TRL's DPO with LoRA, plus a loss that makes the model act, without the
+preference instruction, as it does with it. Usually started by `fast_train.sh`.
+
+    python train_with_preference_prompt.py --help
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Heavy imports stay inside main() so that `--help` and bad-input errors come back quickly.
+    from preference_dpo.config import parse_args
+    from preference_dpo.errors import UserInputError
+
+    level = logging.INFO if _is_main_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        data_args, model_args, train_args = parse_args(argv)
+        import transformers
+
+        transformers.utils.logging.set_verbosity(level)
+        from preference_dpo.pipeline import run
+
+        logging.getLogger(__name__).info("Settings: %s | %s | %s", data_args, model_args, train_args.to_json_string())
+        run(data_args, model_args, train_args)
+    except UserInputError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
