@@ -91,8 +91,12 @@ class ModelArguments(ModelConfig):
     """TRL's `ModelConfig` (model path, LoRA) plus the reference model. LoRA is on by default."""
 
     model_name_or_path: str | None = field(
-        default="tiny_model",
+        default=str(REPO_ROOT / "tiny_model"),
         metadata={"help": "Policy model: a local folder or a Hub id (the embedded default is built in `tiny_model`)."},
+    )
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get LoRA: names, or `all-linear` (every linear layer but the LM head)."},
     )
     use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the reference is the adapter off)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})

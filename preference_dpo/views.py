@@ -28,12 +28,33 @@ logger = logging.getLogger(__name__)
 # --- text mode ---------------------------------------------------------------------------------------
 
 
-def insert_instruction(prompt: str | list[dict[str, str]], text: str, position: str = "system"):
+def template_default_system(tokenizer) -> str:
+    """The system text a chat template renders for a conversation that has none ("" if it adds none).
+
+    Qwen2.5's template adds "You are Qwen, created by Alibaba Cloud. ..." when no system message is given.
+    A guided prompt that brought its own system message would silently drop that text, and the two views
+    would differ by more than the instruction; so the instruction is appended to this default instead.
+    """
+    sentinel = "\x1fSYSTEM\x1f"
+    user = [{"role": "user", "content": "x"}]
+    plain = tokenizer.apply_chat_template(user, tokenize=False)
+    with_system = tokenizer.apply_chat_template([{"role": "system", "content": sentinel}, *user], tokenize=False)
+    if sentinel not in with_system:
+        return ""
+    head, tail = with_system.split(sentinel, 1)
+    if plain.startswith(head) and plain.endswith(tail) and len(plain) > len(head) + len(tail):
+        return plain[len(head) : len(plain) - len(tail)]
+    return ""
+
+
+def insert_instruction(
+    prompt: str | list[dict[str, str]], text: str, position: str = "system", default_system: str = ""
+):
     """The prompt with the instruction `text` in it (a new object; `prompt` is not modified).
 
-    Plain strings: `text`, a blank line, the prompt. Conversations, `position="system"`: appended to the
-    first system message after a blank line, or a new system message first; `position="user"`: before the
-    first user message, followed by a blank line.
+    Plain strings: `text`, a blank line, the prompt. Conversations, `position="system"`: appended after a
+    blank line to the first system message, or else to the chat template's `default_system` text in a new
+    system message first; `position="user"`: before the first user message, followed by a blank line.
     """
     if isinstance(prompt, str):
         return f"{text}\n\n{prompt}"
@@ -42,7 +63,8 @@ def insert_instruction(prompt: str | list[dict[str, str]], text: str, position: 
         if messages and messages[0]["role"] == "system":
             messages[0]["content"] = f"{messages[0]['content']}\n\n{text}"
         else:
-            messages.insert(0, {"role": "system", "content": text})
+            content = f"{default_system}\n\n{text}" if default_system else text
+            messages.insert(0, {"role": "system", "content": content})
         return messages
     if position == "user":
         for message in messages:
@@ -125,6 +147,7 @@ def tokenize_views(
     preference_position: str,
     num_soft_tokens: int,
     max_length: int,
+    default_system: str = "",
 ) -> dict[str, Any]:
     """Token ids of one pair's base prompt, guided prompt and the two shared completions.
 
@@ -152,7 +175,7 @@ def tokenize_views(
     if num_soft_tokens:
         guided_prompt_ids = prompt_ids + [tokenizer.pad_token_id] * num_soft_tokens
     else:
-        guided_prompt = insert_instruction(example["prompt"], preference_text, preference_position)
+        guided_prompt = insert_instruction(example["prompt"], preference_text, preference_position, default_system)
         guided_prompt_ids = _ids(tokenizer, guided_prompt, **chat)
 
     room = max(max_length - len(guided_prompt_ids), 0)
@@ -188,9 +211,14 @@ def tokenize_preference_dataset(
             f"The prompt embedding has {num_soft_tokens} virtual tokens, which leaves no room for a prompt within "
             f"MAX_PROMPT_LENGTH (--max_prompt_length) = {max_prompt_length}; raise it or use fewer tokens."
         )
+    conversational = isinstance(dataset[0]["prompt"], list)
+    default_system = template_default_system(tokenizer) if conversational and not num_soft_tokens else ""
+    if default_system and preference_position == "system":
+        logger.info("The chat template's default system message is kept; the instruction is appended to it.")
     tokenized = dataset.map(
         tokenize_views,
         fn_kwargs={
+            "default_system": default_system,
             "tokenizer": tokenizer,
             "preference_text": preference_text,
             "preference_position": preference_position,

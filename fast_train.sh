@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Preference-guided DPO launcher. Edit the block below, or override any variable from the environment:
+#   BETA=0.1 ALPHA=0.2 ./fast_train.sh
+# Extra arguments go straight to train_with_preference_prompt.py:  ./fast_train.sh --save_steps 100
+# With no edits it builds the embedded tiny model (once) and trains it on the embedded data, on CPU or GPU.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# ============================== configuration ==============================
+# GPUs: "localhost:0,1" (GPUs 0 and 1 of this machine), "localhost:0,1,2,3" (all four).
+GPU_NODES="${GPU_NODES:-localhost:0}"
+DEVICE="${DEVICE:-auto}"                  # auto (GPU if one is visible), gpu, or cpu
+MASTER_PORT="${MASTER_PORT:-29500}"
+
+# Model and data. The defaults are the embedded tiny model and data set.
+POLICY_MODEL_PATH="${POLICY_MODEL_PATH:-$SCRIPT_DIR/tiny_model}"   # e.g. Qwen/Qwen2.5-1.5B-Instruct
+REFERENCE_MODEL_PATH="${REFERENCE_MODEL_PATH:-}"                   # empty: the policy with LoRA disabled
+TRAIN_DATASET_PATH="${TRAIN_DATASET_PATH:-$SCRIPT_DIR/data/preference_pairs/train.jsonl}"
+TEST_DATASET_PATH="${TEST_DATASET_PATH-$SCRIPT_DIR/data/preference_pairs/test.jsonl}"  # set empty for none
+
+# Preference instruction
+TRAINING_MODE="${TRAINING_MODE:-text}"    # text | embedding
+PREFERENCE_TEXT="${PREFERENCE_TEXT:-Please provide a helpful, honest, harmless and concise answer.}"
+#   e.g. PREFERENCE_TEXT="请提供一个有用、诚实、无害且简洁的回答。"
+PREFERENCE_POSITION="${PREFERENCE_POSITION:-system}"  # system | user (conversational prompts)
+PROMPT_EMBEDDING_PATH="${PROMPT_EMBEDDING_PATH:-}"    # embedding mode: /path/to/prompt_embeddings.pt
+ALIGN_LOSS="${ALIGN_LOSS:-hinge}"
+
+# Core training parameters
+BETA="${BETA:-0.05}"                      # DPO temperature (0.01-0.5; smaller = more conservative)
+ALPHA="${ALPHA:-0.1}"                     # aligned-loss weight (0.05-0.2; 0 = plain DPO)
+LEARNING_RATE="${LEARNING_RATE:-5e-4}"    # 1e-5 to 1e-3
+NUM_EPOCHS="${NUM_EPOCHS:-1}"             # 1-3 is usually enough
+MAX_STEPS="${MAX_STEPS:--1}"              # > 0 overrides NUM_EPOCHS
+PER_DEVICE_BATCH_SIZE="${PER_DEVICE_BATCH_SIZE:-8}"
+GRADIENT_ACCUM_STEPS="${GRADIENT_ACCUM_STEPS:-1}"
+# Global batch = GPUs x PER_DEVICE_BATCH_SIZE x GRADIENT_ACCUM_STEPS pairs.
+# Presets from the user guide (GPU clusters, Qwen2.5-1.5B-Instruct):
+#   4x RTX 3090/4090: GRADIENT_ACCUM_STEPS=512 MAX_LENGTH=300 LORA_R=16 PER_DEVICE_BATCH_SIZE=1
+#   8x A100:          GRADIENT_ACCUM_STEPS=256 MAX_LENGTH=512 LORA_R=32 PER_DEVICE_BATCH_SIZE=1
+
+# LoRA
+LORA_R="${LORA_R:-16}"                    # 8, 16, 32, 64
+LORA_ALPHA="${LORA_ALPHA:-32}"            # usually 2 * LORA_R
+LORA_DROPOUT="${LORA_DROPOUT:-0.1}"       # 0.05-0.1
+LORA_TARGET_MODULES="${LORA_TARGET_MODULES:-all-linear}"
+
+# Sequence lengths
+MAX_LENGTH="${MAX_LENGTH:-300}"
+MAX_PROMPT_LENGTH="${MAX_PROMPT_LENGTH:-128}"
+
+# Run
+PRECISION="${PRECISION:-auto}"            # auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-false}"
+SEED="${SEED:-42}"
+LOGGING_STEPS="${LOGGING_STEPS:-10}"
+EVAL_STEPS="${EVAL_STEPS:-50}"
+SAVE_STEPS="${SAVE_STEPS:-200}"
+RESUME="${RESUME:-false}"                 # true: continue from the newest checkpoint in OUTPUT_DIR
+MERGE_ADAPTER="${MERGE_ADAPTER:-false}"   # true: also write the merged full model to OUTPUT_DIR/merged
+RUN_NAME="${RUN_NAME:-Preference_Guided_DPO}"
+OUTPUT_DIR="${OUTPUT_DIR:-./model_output/$RUN_NAME}"
+LOG_DIR="${LOG_DIR:-./logs/$RUN_NAME}"
+DRY_RUN="${DRY_RUN:-0}"                   # 1: print the exact command and exit
+PYTHON="${PYTHON:-python3}"
+# ==========================================================================
+
+die() { echo "fast_train.sh: error: $*" >&2; exit 2; }
+
+# GPU_NODES: "host:id,id,..."; several hosts ("node1:0,1,node2:0,1") need multi-node support, not here yet.
+check_gpu_nodes() {
+  local spec="$1" host ids
+  [[ "$spec" =~ ^([A-Za-z0-9._-]+):([0-9]+(,[0-9]+)*)$ ]] || {
+    if [[ "$spec" =~ :.*[A-Za-z].*: ]]; then
+      die "GPU_NODES='$spec' names several hosts; multi-node training is not supported yet. Use one host, e.g. localhost:0,1."
+    fi
+    die "GPU_NODES='$spec' is malformed; expected host:ids such as localhost:0,1 (no spaces, no trailing comma)."
+  }
+  host="${BASH_REMATCH[1]}"
+  ids="${BASH_REMATCH[2]}"
+  [[ "$host" == "localhost" || "$host" == "127.0.0.1" || "$host" == "$(hostname)" ]] ||
+    die "GPU_NODES='$spec' names host '$host'; only this machine (localhost) is supported yet."
+  if [[ -n "$(tr ',' '\n' <<<"$ids" | sort | uniq -d)" ]]; then
+    die "GPU_NODES='$spec' repeats a GPU id."
+  fi
+}
+
+case "$DEVICE" in
+  auto) if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+          DEVICE=gpu; else DEVICE=cpu; fi ;;
+  gpu | cpu) ;;
+  *) die "DEVICE='$DEVICE' must be auto, gpu or cpu." ;;
+esac
+
+train_args=(
+  --model_name_or_path "$POLICY_MODEL_PATH"
+  --train_dataset_path "$TRAIN_DATASET_PATH"
+  --test_dataset_path "$TEST_DATASET_PATH"
+  --training_mode "$TRAINING_MODE"
+  --preference_text "$PREFERENCE_TEXT"
+  --preference_position "$PREFERENCE_POSITION"
+  --align_loss "$ALIGN_LOSS"
+  --beta "$BETA"
+  --aligned_loss_weight "$ALPHA"
+  --learning_rate "$LEARNING_RATE"
+  --num_train_epochs "$NUM_EPOCHS"
+  --max_steps "$MAX_STEPS"
+  --per_device_train_batch_size "$PER_DEVICE_BATCH_SIZE"
+  --gradient_accumulation_steps "$GRADIENT_ACCUM_STEPS"
+  --lora_r "$LORA_R"
+  --lora_alpha "$LORA_ALPHA"
+  --lora_dropout "$LORA_DROPOUT"
+  --lora_target_modules "$LORA_TARGET_MODULES"
+  --max_length "$MAX_LENGTH"
+  --max_prompt_length "$MAX_PROMPT_LENGTH"
+  --precision "$PRECISION"
+  --gradient_checkpointing "$GRADIENT_CHECKPOINTING"
+  --seed "$SEED"
+  --logging_steps "$LOGGING_STEPS"
+  --eval_steps "$EVAL_STEPS"
+  --save_steps "$SAVE_STEPS"
+  --resume_from_checkpoint "$RESUME"
+  --merge_adapter "$MERGE_ADAPTER"
+  --run_name "$RUN_NAME"
+  --output_dir "$OUTPUT_DIR"
+  --log_dir "$LOG_DIR"
+)
+[[ -n "$REFERENCE_MODEL_PATH" ]] && train_args+=(--reference_model_path "$REFERENCE_MODEL_PATH")
+[[ -n "$PROMPT_EMBEDDING_PATH" ]] && train_args+=(--prompt_embedding_path "$PROMPT_EMBEDDING_PATH")
+train_args+=("$@")
+
+entry="$SCRIPT_DIR/train_with_preference_prompt.py"
+if [[ "$DEVICE" == gpu ]]; then
+  check_gpu_nodes "$GPU_NODES"
+  # expandable_segments cuts fragmentation with the varying sequence lengths of preference batches.
+  cmd=(env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+       deepspeed --include="$GPU_NODES" --master_port="$MASTER_PORT"
+       "$entry" --deepspeed "$SCRIPT_DIR/ds_config.json" "${train_args[@]}")
+else
+  cmd=("$PYTHON" "$entry" "${train_args[@]}")
+fi
+
+if [[ "$DRY_RUN" == 1 ]]; then
+  printf '%q ' "${cmd[@]}"
+  printf '\n'
+  exit 0
+fi
+
+[[ "$DEVICE" == cpu ]] && echo "fast_train.sh: no GPU in use: training on CPU in one process (GPU_NODES is ignored)." >&2
+
+embedded_model="$SCRIPT_DIR/tiny_model"
+if [[ "$POLICY_MODEL_PATH" == "$embedded_model" && ! -f "$embedded_model/config.json" ]]; then
+  echo "fast_train.sh: building the embedded tiny model in $embedded_model" >&2
+  (cd "$SCRIPT_DIR" && "$PYTHON" -m preference_dpo.tiny_model --output_dir "$embedded_model")
+fi
+
+mkdir -p "$LOG_DIR/runs"
+log_file="$LOG_DIR/runs/train_$(date +%Y%m%d_%H%M%S).log"
+echo "fast_train.sh: logging to $log_file" >&2
+"${cmd[@]}" 2>&1 | tee -a "$log_file"

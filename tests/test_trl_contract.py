@@ -1,0 +1,224 @@
+"""The TRL internals the trainer relies on, and the trainer's loss checked against independent forwards.
+
+If TRL changes `_compute_loss`, the fused LM head or the metric lists, these fail first and loudly.
+"""
+
+import inspect
+import math
+
+import pytest
+import torch
+from trl import DPOTrainer
+
+from preference_dpo.config import DataArguments, ModelArguments, PreferenceDPOConfig
+from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+from preference_dpo.views import PreferenceViewsCollator, tokenize_preference_dataset
+
+P = "Please provide a helpful, honest, harmless and concise answer."
+
+
+def test_trl_methods_we_override_exist_with_expected_signatures():
+    expected = {
+        "_compute_loss": ["self", "model", "inputs", "return_outputs"],
+        "_prepare_dataset": ["self", "dataset", "processing_class", "args", "dataset_name"],
+        "compute_ref_log_probs": ["self", "model", "inputs"],
+        "_set_signature_columns_if_needed": ["self"],
+    }
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(DPOTrainer, name)).parameters) == params, name
+    source = inspect.getsource(DPOTrainer._compute_loss)
+    # the policy forward comes first and goes through the fused LM head
+    assert source.index("outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)") < source.index(
+        "ref_outputs"
+    )
+    assert "per_token_logps.sum(dim=1)" in source
+
+
+def make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft=None, **overrides):
+    from transformers import AutoModelForCausalLM
+    from trl import get_peft_config
+
+    from preference_dpo.data import load_preference_dataset
+
+    args = PreferenceDPOConfig(
+        output_dir=str(tmp_path / "out"), log_dir=str(tmp_path / "logs"), aligned_loss_weight=alpha,
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=3, logging_steps=1,
+        eval_strategy="no", save_strategy="no", report_to="none", seed=0,
+        dataloader_num_workers=0, **overrides,
+    )
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=0.0)
+    k = 0 if soft is None else soft.shape[0]
+    datasets = [
+        tokenize_preference_dataset(
+            load_preference_dataset(path), tokenizer, name=name, preference_text=P, preference_position="system",
+            num_soft_tokens=k, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+        )
+        for name, path in zip(("train", "test"), small_data)
+    ]
+    return PreferenceGuidedDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        data_collator=PreferenceViewsCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, num_soft_tokens=k),
+        train_dataset=datasets[0],
+        eval_dataset=datasets[1],
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        prompt_embedding=soft,
+    )
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def manual_logps(model, input_ids, attention_mask, completion_mask, inputs_embeds=None):
+    """Summed response log-probs from a plain forward and log_softmax: independent of TRL's fused head."""
+    kwargs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
+    logits = model(**kwargs, attention_mask=attention_mask).logits[:, :-1].float()
+    token_logps = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (token_logps * completion_mask[:, 1:]).sum(1).chunk(2)
+
+
+def perturb_adapter(trainer, scale=0.05):
+    """LoRA's B starts at zero (policy == reference); give it weights so policy and reference differ."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_loss_matches_independent_computation(tiny_model_dir, tokenizer, small_data, tmp_path, alpha):
+    trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=alpha)
+    perturb_adapter(trainer)
+    batch = first_batch(trainer)
+    model = trainer.model
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+
+    with torch.no_grad():
+        chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        g_chosen, g_rejected = manual_logps(
+            model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"]
+        )
+    margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
+    dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
+    hinge = torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
+    assert trainer._metrics["train"]["dpo_loss"][-1] == pytest.approx(dpo.item(), rel=1e-4)
+    assert loss.item() == pytest.approx((dpo + alpha * hinge).item(), rel=1e-4)
+    # TRL's own logged log-probs are the ones the hook captured
+    assert trainer._metrics["train"]["logps/chosen"][-1] == pytest.approx(chosen.mean().item(), rel=1e-4)
+    if alpha == 0:
+        assert "aligned_loss" not in trainer._metrics["train"]  # the guided view is skipped entirely
+    else:
+        assert trainer._metrics["train"]["aligned_loss"][-1] == pytest.approx(hinge.item(), rel=1e-4)
+        ratio = math.exp(((g_chosen - g_rejected) - (chosen - rejected)).mean().item())
+        assert trainer._metrics["train"]["pref_advantage_ratio"][-1] == pytest.approx(ratio, rel=1e-4)
+
+
+def test_alpha_zero_equals_plain_trl_dpo(tiny_model_dir, tokenizer, small_data, tmp_path):
+    """Same batch, same weights: our loss with ALPHA=0 is TRL's DPOTrainer loss, and our base-view
+    tokenization is TRL's own."""
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from preference_dpo.data import load_preference_dataset
+
+    ours = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.0)
+    perturb_adapter(ours)
+    batch = first_batch(ours)
+    base_keys = {k: v for k, v in batch.items() if not k.startswith("guided_")}
+    plain = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=DPOConfig(output_dir=str(tmp_path / "plain"), beta=ours.args.beta, precompute_ref_log_probs=True,
+                       report_to="none", bf16=False, max_steps=1, per_device_train_batch_size=4),
+        train_dataset=load_preference_dataset(small_data[0]),
+        processing_class=tokenizer,
+        data_collator=DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id),
+        peft_config=ours.model.peft_config["default"],
+    )
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert plain.train_dataset[column] == ours.train_dataset[column], column
+    plain.model.load_state_dict(ours.model.state_dict())
+    ours.model.train()
+    plain.model.train()
+    assert ours.compute_loss(ours.model, batch).item() == pytest.approx(
+        plain.compute_loss(plain.model, base_keys).item(), rel=1e-6
+    )
+
+
+def test_dpo_loss_is_ln2_before_training(tiny_model_dir, tokenizer, small_data, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.1)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, first_batch(trainer))
+    assert trainer._metrics["train"]["dpo_loss"][-1] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_guided_view_has_no_gradient_and_base_view_does(tiny_model_dir, tokenizer, small_data, tmp_path):
+    """The aligned term's gradient equals -alpha/B * sum over active pairs of grad(h_base): nothing from h_pref."""
+    trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=1.0)
+    perturb_adapter(trainer)
+    batch = first_batch(trainer)
+    model = trainer.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    total = trainer.compute_loss(model, batch)
+    grad_total = torch.autograd.grad(total, params)
+    chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    with torch.no_grad():
+        g_chosen, g_rejected = manual_logps(
+            model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"]
+        )
+    margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
+    expected = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean() + torch.relu(
+        (g_chosen - g_rejected) - (chosen - rejected)
+    ).mean()
+    grad_expected = torch.autograd.grad(expected, params)
+    for a, b in zip(grad_total, grad_expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_embedding_mode_inserts_soft_tokens_after_the_prompt(tiny_model_dir, tokenizer, small_data, tmp_path):
+    soft = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * 0.1
+    trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, soft=soft)
+    perturb_adapter(trainer)
+    batch = first_batch(trainer)
+    model = trainer.model
+    model.eval()
+    with torch.no_grad():
+        got_chosen, got_rejected = trainer._guided_logps(model, {
+            "input_ids": batch["guided_input_ids"], "attention_mask": batch["guided_attention_mask"],
+            "completion_mask": batch["guided_completion_mask"], "soft_token_mask": batch["guided_soft_token_mask"],
+        })
+        # Build the guided embeddings by hand, row by row: prompt, soft tokens, response.
+        embed = model.get_input_embeddings()
+        rows = []
+        n_pairs = batch["input_ids"].size(0) // 2
+        prompt_lens = [len(ex) for ex in trainer.train_dataset[: n_pairs]["prompt_ids"]]  # dataloader is seeded
+        for row in range(batch["guided_input_ids"].size(0)):
+            ids = batch["guided_input_ids"][row]
+            p_len = int(batch["guided_soft_token_mask"][row].nonzero()[0])
+            rows.append(torch.cat([embed(ids[:p_len]), soft, embed(ids[p_len + 3 :])]))
+        want_chosen, want_rejected = manual_logps(
+            model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"],
+            inputs_embeds=torch.stack(rows),
+        )
+    del prompt_lens
+    torch.testing.assert_close(got_chosen, want_chosen, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_rejected, want_rejected, rtol=1e-4, atol=1e-4)
+    # and the soft tokens change the log-probs (they are really inserted)
+    plain_chosen, _ = manual_logps(model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"])
+    assert not torch.allclose(plain_chosen, got_chosen)
+
+
+def test_only_lora_weights_change_in_training(tiny_model_dir, tokenizer, small_data, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.1, learning_rate=1e-2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    lora = {n for n in before if "lora_" in n}
+    assert changed and changed <= lora
+    assert {n for n in lora if "lora_B" in n} <= changed  # every adapter matrix B moved off zero
