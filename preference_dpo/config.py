@@ -143,7 +143,10 @@ class PreferenceDPOConfig(DPOConfig):
     )
     align_loss: str = field(
         default="hinge",
-        metadata={"help": "Form of the aligned loss; `hinge` is relu(stopgrad(h_pref) - h_base).", "choices": list(ALIGN_LOSSES)},
+        metadata={
+            "help": "Form of the aligned loss; `hinge` is relu(stopgrad(h_pref) - h_base).",
+            "choices": list(ALIGN_LOSSES),
+        },
     )
     max_prompt_length: int = field(
         default=128,
@@ -156,9 +159,7 @@ class PreferenceDPOConfig(DPOConfig):
         default="auto",
         metadata={"help": "`auto`: bf16 on GPUs that support it, fp32 otherwise.", "choices": list(PRECISIONS)},
     )
-    log_dir: str | None = field(
-        default=None, metadata={"help": "TensorBoard folder. Default: logs/<run_name>."}
-    )
+    log_dir: str | None = field(default=None, metadata={"help": "TensorBoard folder. Default: logs/<run_name>."})
     merge_adapter: bool = field(
         default=False, metadata={"help": "Also write the base model with the adapter merged, to <output_dir>/merged."}
     )
@@ -183,6 +184,10 @@ class PreferenceDPOConfig(DPOConfig):
     eval_steps: float | None = field(default=50, metadata={"help": "Evaluate every N steps."})
     save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    resume_from_checkpoint: str | None = field(
+        default="false",
+        metadata={"help": "`true`: continue from the newest checkpoint in output_dir (if any); a path: that one."},
+    )
     warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps (a float < 1 is a fraction)."})
 
     def __post_init__(self):
@@ -234,7 +239,9 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
     positive("learning_rate", train.learning_rate, hint=" Typical: 1e-5 to 1e-3.")
     positive("per_device_train_batch_size", train.per_device_train_batch_size)
     if train.gradient_accumulation_steps < 1:
-        problems.append(f"{describe('gradient_accumulation_steps')} must be >= 1; got {train.gradient_accumulation_steps}.")
+        problems.append(
+            f"{describe('gradient_accumulation_steps')} must be >= 1; got {train.gradient_accumulation_steps}."
+        )
     if train.max_steps <= 0 and not train.num_train_epochs > 0:
         problems.append(f"{describe('num_train_epochs')} must be > 0 (or set {describe('max_steps')}).")
     if model.use_peft:
@@ -261,7 +268,10 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
             f"{describe('test_dataset_path')}: no such file or folder {data.test_dataset_path!r} "
             "(leave it empty for no evaluation)."
         )
-    for flag, path in (("model_name_or_path", model.model_name_or_path), ("reference_model_path", model.reference_model_path)):
+    for flag, path in (
+        ("model_name_or_path", model.model_name_or_path),
+        ("reference_model_path", model.reference_model_path),
+    ):
         if path and _looks_local(path) and not os.path.isdir(path):
             hint = " Run ./fast_train.sh once to build the embedded default." if flag == "model_name_or_path" else ""
             problems.append(f"{describe(flag)}: no such model folder {path!r}.{hint}")

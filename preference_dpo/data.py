@@ -38,7 +38,9 @@ def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"line {number}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserInputError(f"{path} line {number}: not valid JSON ({e.msg}); fix or remove the line.") from None
+                raise UserInputError(
+                    f"{path} line {number}: not valid JSON ({e.msg}); fix or remove the line."
+                ) from None
 
 
 def _rows_from_json(path: Path) -> Iterator[tuple[str, Any]]:

@@ -71,7 +71,10 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = [*self._signature_columns, *(c for c in GUIDED_COLUMNS if c not in self._signature_columns)]
+        self._signature_columns = [
+            *self._signature_columns,
+            *(c for c in GUIDED_COLUMNS if c not in self._signature_columns),
+        ]
 
     def compute_ref_log_probs(self, model, inputs):
         base, _ = split_views(inputs)

@@ -246,13 +246,19 @@ def tokenize_preference_dataset(
     if dropped:
         logger.warning(
             "Dropped %d of %d %s pairs whose prompt with the instruction exceeds MAX_PROMPT_LENGTH=%d tokens.",
-            dropped, total, name, max_prompt_length,
+            dropped,
+            total,
+            name,
+            max_prompt_length,
         )
     n_truncated = sum(kept["truncated"])
     if n_truncated:
         logger.info(
             "Truncated the responses of %d of %d %s pairs to fit MAX_LENGTH=%d (both views keep the same tokens).",
-            n_truncated, len(kept), name, max_length,
+            n_truncated,
+            len(kept),
+            name,
+            max_length,
         )
     return kept.remove_columns("truncated")
 

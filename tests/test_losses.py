@@ -26,7 +26,11 @@ def test_dpo_loss_hand_computed():
     loss = mean(-log sigmoid(0.2), -log sigmoid(-0.2)) = mean(0.598139, 0.798139) = 0.698139
     """
     loss = dpo_sigmoid_loss(
-        torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0]), torch.tensor([-2.0, -3.0]), beta=0.1
+        torch.tensor([-1.0, -4.0]),
+        torch.tensor([-3.0, -1.0]),
+        torch.tensor([-2.0, -4.0]),
+        torch.tensor([-2.0, -3.0]),
+        beta=0.1,
     )
     expected = (-math.log(1 / (1 + math.exp(-0.2))) - math.log(1 / (1 + math.exp(0.2)))) / 2
     assert expected == pytest.approx(0.698139, abs=1e-6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from trl import DPOTrainer
 
-from preference_dpo.config import DataArguments, ModelArguments, PreferenceDPOConfig
+from preference_dpo.config import ModelArguments, PreferenceDPOConfig
 from preference_dpo.trainer import PreferenceGuidedDPOTrainer
 from preference_dpo.views import PreferenceViewsCollator, tokenize_preference_dataset
 
@@ -41,24 +41,41 @@ def make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft
     from preference_dpo.data import load_preference_dataset
 
     args = PreferenceDPOConfig(
-        output_dir=str(tmp_path / "out"), log_dir=str(tmp_path / "logs"), aligned_loss_weight=alpha,
-        per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=3, logging_steps=1,
-        eval_strategy="no", save_strategy="no", report_to="none", seed=0,
-        dataloader_num_workers=0, **overrides,
+        output_dir=str(tmp_path / "out"),
+        log_dir=str(tmp_path / "logs"),
+        aligned_loss_weight=alpha,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=3,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        **overrides,
     )
     model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=0.0)
     k = 0 if soft is None else soft.shape[0]
     datasets = [
         tokenize_preference_dataset(
-            load_preference_dataset(path), tokenizer, name=name, preference_text=P, preference_position="system",
-            num_soft_tokens=k, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+            load_preference_dataset(path),
+            tokenizer,
+            name=name,
+            preference_text=P,
+            preference_position="system",
+            num_soft_tokens=k,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
         )
-        for name, path in zip(("train", "test"), small_data)
+        for name, path in zip(("train", "test"), small_data, strict=True)
     ]
     return PreferenceGuidedDPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         args=args,
-        data_collator=PreferenceViewsCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, num_soft_tokens=k),
+        data_collator=PreferenceViewsCollator(
+            pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, num_soft_tokens=k
+        ),
         train_dataset=datasets[0],
         eval_dataset=datasets[1],
         processing_class=tokenizer,
@@ -132,8 +149,15 @@ def test_alpha_zero_equals_plain_trl_dpo(tiny_model_dir, tokenizer, small_data, 
     base_keys = {k: v for k, v in batch.items() if not k.startswith("guided_")}
     plain = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=DPOConfig(output_dir=str(tmp_path / "plain"), beta=ours.args.beta, precompute_ref_log_probs=True,
-                       report_to="none", bf16=False, max_steps=1, per_device_train_batch_size=4),
+        args=DPOConfig(
+            output_dir=str(tmp_path / "plain"),
+            beta=ours.args.beta,
+            precompute_ref_log_probs=True,
+            report_to="none",
+            bf16=False,
+            max_steps=1,
+            per_device_train_batch_size=4,
+        ),
         train_dataset=load_preference_dataset(small_data[0]),
         processing_class=tokenizer,
         data_collator=DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id),
@@ -173,11 +197,12 @@ def test_guided_view_has_no_gradient_and_base_view_does(tiny_model_dir, tokenize
             model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"]
         )
     margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
-    expected = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean() + torch.relu(
-        (g_chosen - g_rejected) - (chosen - rejected)
-    ).mean()
+    expected = (
+        -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
+        + torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
+    )
     grad_expected = torch.autograd.grad(expected, params)
-    for a, b in zip(grad_total, grad_expected):
+    for a, b in zip(grad_total, grad_expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -189,28 +214,35 @@ def test_embedding_mode_inserts_soft_tokens_after_the_prompt(tiny_model_dir, tok
     model = trainer.model
     model.eval()
     with torch.no_grad():
-        got_chosen, got_rejected = trainer._guided_logps(model, {
-            "input_ids": batch["guided_input_ids"], "attention_mask": batch["guided_attention_mask"],
-            "completion_mask": batch["guided_completion_mask"], "soft_token_mask": batch["guided_soft_token_mask"],
-        })
+        got_chosen, got_rejected = trainer._guided_logps(
+            model,
+            {
+                "input_ids": batch["guided_input_ids"],
+                "attention_mask": batch["guided_attention_mask"],
+                "completion_mask": batch["guided_completion_mask"],
+                "soft_token_mask": batch["guided_soft_token_mask"],
+            },
+        )
         # Build the guided embeddings by hand, row by row: prompt, soft tokens, response.
         embed = model.get_input_embeddings()
         rows = []
-        n_pairs = batch["input_ids"].size(0) // 2
-        prompt_lens = [len(ex) for ex in trainer.train_dataset[: n_pairs]["prompt_ids"]]  # dataloader is seeded
         for row in range(batch["guided_input_ids"].size(0)):
             ids = batch["guided_input_ids"][row]
             p_len = int(batch["guided_soft_token_mask"][row].nonzero()[0])
             rows.append(torch.cat([embed(ids[:p_len]), soft, embed(ids[p_len + 3 :])]))
         want_chosen, want_rejected = manual_logps(
-            model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"],
+            model,
+            batch["guided_input_ids"],
+            batch["guided_attention_mask"],
+            batch["guided_completion_mask"],
             inputs_embeds=torch.stack(rows),
         )
-    del prompt_lens
     torch.testing.assert_close(got_chosen, want_chosen, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_rejected, want_rejected, rtol=1e-4, atol=1e-4)
     # and the soft tokens change the log-probs (they are really inserted)
-    plain_chosen, _ = manual_logps(model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"])
+    plain_chosen, _ = manual_logps(
+        model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"]
+    )
     assert not torch.allclose(plain_chosen, got_chosen)
 
 

@@ -32,7 +32,8 @@ def test_instruction_placement():
     assert insert_instruction(system, P, "user")[1] == {"role": "user", "content": "Be concise.\n\nQ?"}
     assert system[0]["content"] == "You are kind."  # the input is not modified
     assert insert_instruction(user, P, "system", default_system="You are Qwen.")[0] == {
-        "role": "system", "content": "You are Qwen.\n\nBe concise."
+        "role": "system",
+        "content": "You are Qwen.\n\nBe concise.",
     }
 
 
@@ -90,7 +91,9 @@ def test_dataset_drops_long_prompts_and_errors_when_none_left(tokenizer):
     kwargs = dict(name="train", preference_text=P, preference_position="system", num_soft_tokens=0, max_length=300)
     kept = tokenize_preference_dataset(dataset, tokenizer, max_prompt_length=64, **kwargs)
     assert len(kept) == 1 and "truncated" not in kept.column_names
-    with pytest.raises(UserInputError, match=r"All 2 train pairs were dropped.*MAX_PROMPT_LENGTH \(--max_prompt_length\) = 4"):
+    with pytest.raises(
+        UserInputError, match=r"All 2 train pairs were dropped.*MAX_PROMPT_LENGTH \(--max_prompt_length\) = 4"
+    ):
         tokenize_preference_dataset(dataset, tokenizer, max_prompt_length=4, **kwargs)
     with pytest.raises(UserInputError, match="5 virtual tokens"):
         tokenize_preference_dataset(dataset, tokenizer, **{**kwargs, "num_soft_tokens": 5}, max_prompt_length=5)
@@ -104,10 +107,16 @@ def test_collator_builds_guided_batch_with_soft_token_mask():
     batch = PreferenceViewsCollator(pad_token_id=0, num_soft_tokens=2)(examples)
     assert batch["input_ids"].tolist() == [[1, 2, 5, 6], [3, 8, 0, 0], [1, 2, 7, 0], [3, 9, 10, 11]]
     assert batch["guided_input_ids"].tolist() == [
-        [1, 2, 0, 0, 5, 6], [3, 0, 0, 8, 0, 0], [1, 2, 0, 0, 7, 0], [3, 0, 0, 9, 10, 11]
+        [1, 2, 0, 0, 5, 6],
+        [3, 0, 0, 8, 0, 0],
+        [1, 2, 0, 0, 7, 0],
+        [3, 0, 0, 9, 10, 11],
     ]
     assert batch["guided_soft_token_mask"].int().tolist() == [
-        [0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]
+        [0, 0, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0, 0],
     ]
     soft = batch["guided_soft_token_mask"]
     assert (batch["guided_attention_mask"][soft] == 1).all()  # soft tokens are attended to

@@ -1,0 +1,180 @@
+"""Parsing, validation messages, and the launcher agreeing with the Python defaults."""
+
+import dataclasses
+import logging
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from preference_dpo.config import LAUNCHER_VARIABLES, parse_args
+from preference_dpo.errors import UserInputError
+
+from .conftest import REPO
+
+LAUNCHER = REPO / "fast_train.sh"
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return ["--model_name_or_path", str(tiny_model_dir)]
+
+
+def test_every_problem_is_reported_at_once_naming_variable_and_flag(model_dir):
+    with pytest.raises(UserInputError) as info:
+        parse_args(
+            [
+                *model_dir,
+                "--beta",
+                "0",
+                "--aligned_loss_weight",
+                "-1",
+                "--learning_rate",
+                "0",
+                "--lora_r",
+                "0",
+                "--lora_dropout",
+                "1.5",
+                "--max_length",
+                "100",
+                "--max_prompt_length",
+                "100",
+                "--gradient_accumulation_steps",
+                "0",
+                "--preference_text",
+                "  ",
+            ]
+        )
+    text = str(info.value)
+    for expected in (
+        "BETA (--beta) must be > 0; got 0.0",
+        "ALPHA (--aligned_loss_weight) must be >= 0; got -1.0",
+        "LEARNING_RATE (--learning_rate) must be > 0",
+        "LORA_R (--lora_r) must be >= 1; got 0",
+        "LORA_DROPOUT (--lora_dropout) must be in [0, 1); got 1.5",
+        "MAX_PROMPT_LENGTH (--max_prompt_length) must be >= 1 and < MAX_LENGTH (--max_length); got 100 and 100",
+        "GRADIENT_ACCUM_STEPS (--gradient_accumulation_steps) must be >= 1; got 0",
+        "PREFERENCE_TEXT (--preference_text) is empty",
+    ):
+        assert expected in text
+    assert len(info.value.problems) == 8
+
+
+def test_missing_paths_and_embedding_requirements(model_dir, tmp_path):
+    with pytest.raises(UserInputError) as info:
+        parse_args(
+            [
+                *model_dir,
+                "--train_dataset_path",
+                str(tmp_path / "nope.jsonl"),
+                "--test_dataset_path",
+                str(tmp_path / "nope2.jsonl"),
+                "--training_mode",
+                "embedding",
+            ]
+        )
+    text = str(info.value)
+    assert "TRAIN_DATASET_PATH (--train_dataset_path): no such file or folder" in text
+    assert "TEST_DATASET_PATH (--test_dataset_path): no such file or folder" in text
+    assert "PROMPT_EMBEDDING_PATH (--prompt_embedding_path) is required in embedding mode" in text
+    with pytest.raises(UserInputError, match="POLICY_MODEL_PATH .* no such model folder"):
+        parse_args(["--model_name_or_path", str(tmp_path / "missing_model")])
+
+
+def test_unusual_but_legal_values_warn(model_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, _, train = parse_args([*model_dir, "--beta", "0.6"])
+    assert train.beta == 0.6
+    assert "BETA (--beta) = 0.6 is outside the usual range" in caplog.text
+
+
+def test_defaults_resolve_outputs_from_run_name_and_fp32_on_cpu(model_dir):
+    _, model, train = parse_args([*model_dir, "--run_name", "exp1"])
+    assert train.output_dir == os.path.join("model_output", "exp1")
+    assert train.log_dir == os.path.join("logs", "exp1")
+    assert (train.bf16, train.fp16) == (False, False)  # no GPU here
+    assert model.use_peft and model.lora_target_modules == "all-linear"
+    assert train.precompute_ref_log_probs
+
+
+def launcher_command(env: dict) -> list[str]:
+    out = subprocess.run(
+        ["bash", str(LAUNCHER)], env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True, text=True, check=True
+    )
+    return shlex.split(out.stdout)
+
+
+def test_launcher_defaults_equal_python_defaults(tiny_model_dir):
+    """Each default is written twice (launcher block, dataclass); this keeps them from drifting."""
+    argv = launcher_command({"DEVICE": "cpu"})
+    assert argv[1].endswith("train_with_preference_prompt.py")
+    flags = argv[2:]
+    from preference_dpo.config import ModelArguments
+
+    # The embedded model may not be built yet: compare its path, then point both sides at a built one.
+    model_flag = flags.index("--model_name_or_path") + 1
+    assert flags[model_flag] == ModelArguments().model_name_or_path
+    flags[model_flag] = str(tiny_model_dir)
+    launched = parse_args(flags)
+    defaults = parse_args(["--model_name_or_path", str(tiny_model_dir)])
+    for a, b in zip(launched, defaults, strict=True):
+        for f in dataclasses.fields(a):
+            if f.name in ("logging_dir",):
+                continue
+            left, right = getattr(a, f.name), getattr(b, f.name)
+            if f.name in ("output_dir", "log_dir"):
+                left, right = os.path.normpath(left), os.path.normpath(right)
+            assert left == right, f.name
+    # every launcher variable in the table is passed by the launcher
+    passed = {flag.removeprefix("--") for flag in flags if flag.startswith("--")}
+    optional = {"reference_model_path", "prompt_embedding_path"}
+    assert set(LAUNCHER_VARIABLES.values()) - optional <= passed
+
+
+def test_launcher_overrides_from_environment_and_gpu_command():
+    argv = launcher_command(
+        {
+            "DEVICE": "gpu",
+            "GPU_NODES": "localhost:1,2",
+            "BETA": "0.1",
+            "ALPHA": "0.2",
+            "PREFERENCE_TEXT": "请提供一个有用、诚实、无害且简洁的回答。",
+        }
+    )
+    assert argv[:4] == [
+        "env",
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        "deepspeed",
+        "--include=localhost:1,2",
+    ]
+    assert argv[argv.index("--deepspeed") + 1].endswith("ds_config.json")
+    assert argv[argv.index("--beta") + 1] == "0.1"
+    assert argv[argv.index("--aligned_loss_weight") + 1] == "0.2"
+    assert argv[argv.index("--preference_text") + 1] == "请提供一个有用、诚实、无害且简洁的回答。"
+
+
+@pytest.mark.parametrize(
+    ("nodes", "message"),
+    [
+        ("localhost:1,", "malformed"),
+        ("localhost", "malformed"),
+        ("localhost:a", "malformed"),
+        ("localhost:1,1", "repeats a GPU id"),
+        ("node1:0,1,node2:0,1", "multi-node training is not supported yet"),
+        ("node7:0", "only this machine"),
+    ],
+)
+def test_launcher_rejects_unsupported_gpu_nodes(nodes, message):
+    out = subprocess.run(
+        ["bash", str(LAUNCHER)],
+        env={**os.environ, "DRY_RUN": "1", "DEVICE": "gpu", "GPU_NODES": nodes},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert f"GPU_NODES='{nodes}'" in out.stderr and message in out.stderr
+
+
+def test_launcher_is_bash_n_clean():
+    subprocess.run(["bash", "-n", str(LAUNCHER)], check=True)

@@ -1,0 +1,167 @@
+"""The real launcher, end to end, on the tiny model: files written, tags logged, adapter usable."""
+
+import json
+import math
+import os
+import subprocess
+
+import pytest
+import torch
+
+from preference_dpo.metrics import METRIC_TAGS
+
+from .conftest import REPO
+
+EXPECTED_OUTPUTS = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "config.json",
+    "training_args.bin",
+    "trainer_state.json",
+    "run_config.json",
+}
+
+
+def run_launcher(tmp_path, model_dir, data, **env):
+    train, test = data
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    variables = {
+        "DEVICE": "cpu",
+        "POLICY_MODEL_PATH": str(model_dir),
+        "TRAIN_DATASET_PATH": str(train),
+        "TEST_DATASET_PATH": str(test),
+        "MAX_STEPS": "4",
+        "PER_DEVICE_BATCH_SIZE": "4",
+        "LOGGING_STEPS": "1",
+        "EVAL_STEPS": "2",
+        "SAVE_STEPS": "100",
+        "OUTPUT_DIR": str(out),
+        "LOG_DIR": str(logs),
+        "ALPHA": "0.1",
+        **env,
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "fast_train.sh")],
+        env={**os.environ, **variables},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, logs, result
+
+
+def scalars(log_dir) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [f for f in os.listdir(log_dir) if f.startswith("events.out.tfevents")]
+    assert len(events) == 1  # directly in LOG_DIR, one per run
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, tiny_model_dir, small_data):
+    tmp = tmp_path_factory.mktemp("e2e_text")
+    return run_launcher(tmp, tiny_model_dir, small_data, MERGE_ADAPTER="true")
+
+
+def test_outputs_match_the_user_guide_layout(text_run):
+    out, logs, result = text_run
+    assert EXPECTED_OUTPUTS <= set(os.listdir(out))
+    assert "no GPU in use: training on CPU" in result.stderr
+    run_logs = list((logs / "runs").iterdir())
+    assert len(run_logs) == 1 and "Finished 4 steps" in run_logs[0].read_text()
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["training"]["aligned_loss_weight"] == 0.1
+    assert config["versions"]["trl"] == "1.16.0"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+def test_every_method_tag_is_logged_with_finite_values(text_run):
+    _, logs, _ = text_run
+    values = scalars(logs)
+    expected = {tag for pair in METRIC_TAGS.values() for tag in pair}
+    assert expected <= set(values), sorted(expected - set(values))
+    for tag in expected:
+        assert all(math.isfinite(v) for v in values[tag]), tag
+    assert len(values["loss/train"]) == 4  # LOGGING_STEPS=1
+    assert len(values["rewards_eval/accuracy"]) >= 2  # at step 2, step 4 and the final evaluation
+    assert {"train/learning_rate", "train/grad_norm", "eval/entropy"} <= set(values)  # TRL's own metrics too
+    for a, b, c in zip(
+        values["loss/train"], values["loss_components/dpo_loss"], values["loss_components/aligned_loss"], strict=True
+    ):
+        assert a == pytest.approx(b + 0.1 * c, rel=1e-4)  # loss = dpo_loss + ALPHA * aligned_loss
+
+
+def test_adapter_loads_and_generates_and_merged_model_matches(text_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _, _ = text_run
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    model.eval()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How do I boil an egg?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert isinstance(tokenizer.decode(generated[0], skip_special_tokens=True), str)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**prompt).logits, model(**prompt).logits, rtol=1e-4, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        assert not torch.allclose(base(**prompt).logits, model(**prompt).logits)  # the adapter does something
+
+
+def test_embedding_mode_end_to_end(tmp_path, tiny_model_dir, small_data):
+    embedding = tmp_path / "prompt_embeddings.pt"
+    torch.save({"prompt_embeddings": torch.randn(4, 64) * 0.05}, embedding)
+    out, logs, _ = run_launcher(
+        tmp_path,
+        tiny_model_dir,
+        small_data,
+        TRAINING_MODE="embedding",
+        PROMPT_EMBEDDING_PATH=str(embedding),
+        MAX_STEPS="2",
+        EVAL_STEPS="2",
+        ALPHA="0.5",
+    )
+    values = scalars(logs)
+    assert all(math.isfinite(v) for v in values["preference_metrics_eval/pref_advantage_ratio"])
+    assert values["preference_metrics/pref_advantage_ratio"][0] != pytest.approx(1.0)  # soft tokens shift log-probs
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["training"]["training_mode"] == "embedding"
+
+
+def test_bad_input_is_one_line_exit_2_before_loading_weights(tmp_path, tiny_model_dir, small_data):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "P", "chosen": "a", "rejected": "b"}\n{"prompt": "P", "chosen": "a"}\n')
+    variables = {
+        "DEVICE": "cpu",
+        "POLICY_MODEL_PATH": str(tiny_model_dir),
+        "TRAIN_DATASET_PATH": str(bad),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "LOG_DIR": str(tmp_path / "logs"),
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "fast_train.sh")],
+        env={**os.environ, **variables},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad} line 2: missing field 'rejected'; every pair needs 'chosen' and 'rejected'."]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "Loading weights" not in result.stdout + result.stderr

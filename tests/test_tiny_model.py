@@ -1,0 +1,44 @@
+"""The embedded default model and tokenizer: built locally, round-tripping exactly."""
+
+from tokenizers import Tokenizer
+
+from preference_dpo.tiny_model import DEFAULT_SYSTEM_PROMPT
+
+SAMPLES = [
+    "How do I boil an egg?  First, place the egg in boiling water.",
+    "Numbers 12345 and   spaces\n\n\nnew lines\tand tabs",
+    "请提供一个有用、诚实、无害且简洁的回答。",
+    "It's, we'll, I'd: contractions; émigré café naïve",
+    "<|im_start|>user\nHi<|im_end|>\n",
+]
+
+
+def test_saved_tokenizer_round_trips_through_autotokenizer(tiny_model_dir, tokenizer):
+    raw = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    for text in SAMPLES:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == raw.encode(text).ids, text
+        assert tokenizer.decode(ids) == text
+
+
+def test_chat_template_is_qwen25s(tokenizer):
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        text
+        == f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    # special tokens are single ids; the instruction texts are compact
+    assert len(tokenizer("<|im_start|>")["input_ids"]) == 1
+    assert len(tokenizer("请提供一个有用、诚实、无害且简洁的回答。")["input_ids"]) < 10
+
+
+def test_model_is_a_small_qwen2_with_matching_vocab(tiny_model_dir, tokenizer):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert config.model_type == "qwen2" and config.vocab_size == len(tokenizer)
+    assert config.hidden_size == 64 and config.num_hidden_layers == 2
