@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         data_args, model_args, train_args = parse_args(argv)
         import transformers
 
-        transformers.utils.logging.set_verbosity(level)
+        # transformers' INFO level dumps every config it loads; its warnings and the progress bars stay.
+        transformers.utils.logging.set_verbosity(logging.WARNING)
         from preference_dpo.pipeline import run
 
         logging.getLogger(__name__).info("Settings: %s | %s | %s", data_args, model_args, train_args.to_json_string())

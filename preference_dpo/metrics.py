@@ -70,7 +70,7 @@ class TensorBoardMetricsCallback(TrainerCallback):
             return
         writer = self._get_writer()
         for key, value in logs.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or key == "epoch":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if not math.isfinite(value):
                 logger.warning("Step %d: metric %s is %s", state.global_step, key, value)

@@ -34,7 +34,7 @@ def test_trl_methods_we_override_exist_with_expected_signatures():
     assert "per_token_logps.sum(dim=1)" in source
 
 
-def make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft=None, **overrides):
+def make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft=None, ref_model=None, **overrides):
     from transformers import AutoModelForCausalLM
     from trl import get_peft_config
 
@@ -72,6 +72,7 @@ def make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft
     ]
     return PreferenceGuidedDPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        ref_model=ref_model,
         args=args,
         data_collator=PreferenceViewsCollator(
             pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, num_soft_tokens=k
@@ -254,3 +255,34 @@ def test_only_lora_weights_change_in_training(tiny_model_dir, tokenizer, small_d
     lora = {n for n in before if "lora_" in n}
     assert changed and changed <= lora
     assert {n for n in lora if "lora_B" in n} <= changed  # every adapter matrix B moved off zero
+
+
+def test_separate_reference_model_without_precompute(tiny_model_dir, tokenizer, small_data, tmp_path):
+    """REFERENCE_MODEL_PATH: a different frozen model scores the reference, on the fly when precompute is off."""
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
+    torch.manual_seed(7)
+    reference = Qwen2ForCausalLM(AutoModelForCausalLM.from_pretrained(tiny_model_dir).config)  # other weights
+    reference.eval()
+    trainer = make_trainer(
+        tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, ref_model=reference,
+        precompute_ref_log_probs=False,
+    )
+    batch = first_batch(trainer)
+    assert "ref_chosen_logps" not in batch
+    model = trainer.model
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    with torch.no_grad():
+        chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        ref_chosen, ref_rejected = manual_logps(
+            reference, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
+        g_chosen, g_rejected = manual_logps(
+            model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"]
+        )
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+    dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
+    hinge = torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
+    assert abs(dpo.item() - math.log(2)) > 1e-3  # the reference really differs from the policy
+    assert loss.item() == pytest.approx((dpo + 0.5 * hinge).item(), rel=1e-4)
