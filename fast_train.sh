@@ -57,7 +57,9 @@ SEED="${SEED:-42}"
 LOGGING_STEPS="${LOGGING_STEPS:-10}"
 EVAL_STEPS="${EVAL_STEPS:-50}"
 SAVE_STEPS="${SAVE_STEPS:-200}"
-RESUME="${RESUME:-false}"                 # true: continue from the newest checkpoint in OUTPUT_DIR
+RESUME="${RESUME:-true}"                  # true: rerunning after a kill continues from the last checkpoint
+OVERWRITE="${OVERWRITE:-false}"           # true: replace a finished run in OUTPUT_DIR (else an error)
+SKIP_NONFINITE_BATCHES="${SKIP_NONFINITE_BATCHES:-false}"  # true: skip NaN/Inf-loss batches instead of stopping
 MERGE_ADAPTER="${MERGE_ADAPTER:-false}"   # true: also write the merged full model to OUTPUT_DIR/merged
 RUN_NAME="${RUN_NAME:-Preference_Guided_DPO}"
 OUTPUT_DIR="${OUTPUT_DIR:-./model_output/$RUN_NAME}"
@@ -121,6 +123,8 @@ train_args=(
   --eval_steps "$EVAL_STEPS"
   --save_steps "$SAVE_STEPS"
   --resume_from_checkpoint "$RESUME"
+  --overwrite "$OVERWRITE"
+  --skip_nonfinite_batches "$SKIP_NONFINITE_BATCHES"
   --merge_adapter "$MERGE_ADAPTER"
   --run_name "$RUN_NAME"
   --output_dir "$OUTPUT_DIR"
@@ -158,4 +162,5 @@ fi
 mkdir -p "$LOG_DIR/runs"
 log_file="$LOG_DIR/runs/train_$(date +%Y%m%d_%H%M%S).log"
 echo "fast_train.sh: logging to $log_file" >&2
-"${cmd[@]}" 2>&1 | tee -a "$log_file"
+# tee ignores SIGINT/SIGTERM so that the trainer, which saves a checkpoint on them, can still write its output.
+"${cmd[@]}" 2>&1 | (trap '' INT TERM; tee -a "$log_file")

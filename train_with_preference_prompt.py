@@ -19,7 +19,7 @@ def _is_main_process() -> bool:
 def main(argv: list[str] | None = None) -> int:
     # Heavy imports stay inside main() so that `--help` and bad-input errors come back quickly.
     from preference_dpo.config import parse_args
-    from preference_dpo.errors import UserInputError
+    from preference_dpo.errors import NonFiniteLossError, TrainingInterrupted, UserInputError
 
     level = logging.INFO if _is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"\nerror: {e}", file=sys.stderr)  # on a line of its own, after the progress bar
+        return 3
+    except TrainingInterrupted as e:
+        print(f"\ninterrupted: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,8 @@ LAUNCHER_VARIABLES = {
     "EVAL_STEPS": "eval_steps",
     "SAVE_STEPS": "save_steps",
     "RESUME": "resume_from_checkpoint",
+    "OVERWRITE": "overwrite",
+    "SKIP_NONFINITE_BATCHES": "skip_nonfinite_batches",
     "MERGE_ADAPTER": "merge_adapter",
     "RUN_NAME": "run_name",
     "OUTPUT_DIR": "output_dir",
@@ -163,6 +166,17 @@ class PreferenceDPOConfig(DPOConfig):
     merge_adapter: bool = field(
         default=False, metadata={"help": "Also write the base model with the adapter merged, to <output_dir>/merged."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished run in output_dir (its checkpoints too). Off: such a run is an error."},
+    )
+    skip_nonfinite_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "On a NaN/Inf loss, skip the batch (counted as `nonfinite_batches_skipped`) instead of stopping "
+            "with an error."
+        },
+    )
 
     # TRL / transformers fields whose defaults differ for this tool (as TRL itself overrides learning_rate)
     output_dir: str | None = field(default=None, metadata={"help": "Default: model_output/<run_name>."})
@@ -185,8 +199,11 @@ class PreferenceDPOConfig(DPOConfig):
     save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
     resume_from_checkpoint: str | None = field(
-        default="false",
-        metadata={"help": "`true`: continue from the newest checkpoint in output_dir (if any); a path: that one."},
+        default="true",
+        metadata={
+            "help": "`true`: continue from the newest complete checkpoint in output_dir, if any; `false`: start "
+            "afresh; a path: that checkpoint."
+        },
     )
     warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps (a float < 1 is a fraction)."})
 
@@ -275,6 +292,10 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
         if path and _looks_local(path) and not os.path.isdir(path):
             hint = " Run ./fast_train.sh once to build the embedded default." if flag == "model_name_or_path" else ""
             problems.append(f"{describe(flag)}: no such model folder {path!r}.{hint}")
+    if train.output_dir:
+        from .checkpoints import check_output_dir
+
+        problems += check_output_dir(train.output_dir, train.overwrite)
     if problems:
         raise UserInputError(problems)
 
@@ -303,8 +324,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArgum
     """Parse the command line once into the three typed configs and validate them."""
     from trl import TrlParser
 
-    parser = TrlParser((DataArguments, ModelArguments, PreferenceDPOConfig))
-    data, model, train = parser.parse_args_and_config(args=argv)
+    class Parser(TrlParser):
+        def error(self, message: str):
+            # argparse's "argument --beta: invalid float value: 'x'" -> name the launcher variable too
+            match = re.match(r"argument --([a-z_]+)(?:/[^:]*)?: (.*)", message)
+            if match:
+                message = f"{describe(match.group(1))}: {match.group(2)}"
+            raise UserInputError(message)
+
+    parser = Parser((DataArguments, ModelArguments, PreferenceDPOConfig))
+    data, model, train, unknown = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UserInputError(
+            f"unrecognized arguments: {' '.join(unknown)} (see python train_with_preference_prompt.py --help)."
+        )
     if data.test_dataset_path == "":
         data.test_dataset_path = None
     if model.reference_model_path == "":

@@ -10,3 +10,15 @@ class UserInputError(ValueError):
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; the message names the step and the loss components."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; `exit_code` is 128 + the signal."""
+
+    def __init__(self, signum: int, message: str):
+        self.exit_code = 128 + signum
+        super().__init__(message)

@@ -9,18 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from importlib.metadata import version
 from pathlib import Path
 
+from .checkpoints import RUN_CONFIG_NAME, StopOnSignal, clear_previous_run, move_into, resolve_resume
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
-from .errors import UserInputError
+from .errors import TrainingInterrupted, UserInputError
 
 logger = logging.getLogger(__name__)
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "tokenizers")
-RUN_CONFIG_NAME = "run_config.json"
+STAGING_DIR = ".final_outputs_incomplete"
 
 
 def check_causal_lm(path: str, flag: str, trust_remote_code: bool):
@@ -38,23 +38,6 @@ def check_causal_lm(path: str, flag: str, trust_remote_code: bool):
             f"{describe(flag)} {path!r}: model type {config.model_type!r} is not a causal language model."
         )
     return config
-
-
-def resolve_resume(train_args: PreferenceDPOConfig) -> str | None:
-    """`--resume_from_checkpoint auto|true` means the newest checkpoint in the output folder, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    value = train_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "no", "0"):
-        return None
-    if str(value).lower() in ("auto", "true", "yes", "1"):
-        last = get_last_checkpoint(train_args.output_dir) if os.path.isdir(train_args.output_dir) else None
-        if last:
-            logger.info("Resuming from %s", last)
-        return last
-    if not os.path.isdir(value):
-        raise UserInputError(f"{describe('resume_from_checkpoint')}: no such checkpoint folder {value!r}.")
-    return value
 
 
 def library_versions() -> dict[str, str]:
@@ -118,7 +101,11 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     elif train_args.eval_strategy != "no":
         logger.info("No test set: evaluation is off.")
         train_args.eval_strategy = "no"
-    resume_from = resolve_resume(train_args)
+    if train_args.overwrite:
+        clear_previous_run(train_args.output_dir)
+        resume_from = None
+    else:
+        resume_from = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
 
     # --- weights ---
     dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32
@@ -129,6 +116,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         ref_model = AutoModelForCausalLM.from_pretrained(model_args.reference_model_path, **load_kwargs)
 
     tensorboard = TensorBoardMetricsCallback(train_args.log_dir)
+    stopper = StopOnSignal()
     trainer = PreferenceGuidedDPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -140,10 +128,22 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[tensorboard],
+        callbacks=[tensorboard, stopper],
         prompt_embedding=prompt_embedding,
     )
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        stopper.restore()
+    if stopper.received is not None:
+        tensorboard.close()
+        raise TrainingInterrupted(
+            stopper.received,
+            f"Stopped by signal at step {trainer.state.global_step}; a checkpoint was saved in "
+            f"{train_args.output_dir}. Rerun the same command to resume.",
+        )
+    if trainer.nonfinite_batches_skipped:
+        logger.warning("Skipped %d batches with a NaN/Inf loss.", trainer.nonfinite_batches_skipped)
     final_metrics: dict[str, float] = {}
     if eval_dataset is not None:
         final_metrics = trainer.evaluate()
@@ -163,17 +163,22 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
 
 
 def save_outputs(trainer, tokenizer, base_config, data_args, model_args, train_args, final_metrics, n_train) -> None:
-    """The user guide's output layout in `output_dir` (adapter, tokenizer, configs, state), and `merged/`."""
+    """The user guide's output layout in `output_dir` (adapter, tokenizer, configs, state), and `merged/`.
+
+    Written into a staging folder first and moved into place file by file, `run_config.json` last: a run
+    killed while saving has no `run_config.json`, is not taken as finished, and resumes on rerun.
+    """
     output_dir = Path(train_args.output_dir)
-    trainer.save_model(str(output_dir))  # adapter (safetensors), tokenizer files, training_args.bin
-    if not trainer.is_world_process_zero():
-        return
-    base_config.save_pretrained(output_dir)  # config.json: the base model's
-    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-    extra = {"train_pairs": n_train, "final_eval_metrics": final_metrics}
-    write_run_config(output_dir / RUN_CONFIG_NAME, data_args, model_args, train_args, extra)
-    if train_args.merge_adapter:
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        merged.save_pretrained(output_dir / "merged")
-        tokenizer.save_pretrained(output_dir / "merged")
-        logger.info("Merged model written to %s", output_dir / "merged")
+    staging = output_dir / STAGING_DIR
+    trainer.save_model(str(staging))  # adapter (safetensors), tokenizer files, training_args.bin
+    if trainer.is_world_process_zero():
+        base_config.save_pretrained(staging)  # config.json: the base model's
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        if train_args.merge_adapter:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(staging / "merged")
+            tokenizer.save_pretrained(staging / "merged")
+        extra = {"train_pairs": n_train, "final_eval_metrics": final_metrics}
+        write_run_config(staging / RUN_CONFIG_NAME, data_args, model_args, train_args, extra)
+        move_into(staging, output_dir, last=RUN_CONFIG_NAME)
+    trainer.accelerator.wait_for_everyone()

@@ -19,6 +19,8 @@ import torch
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from .checkpoints import last_complete_checkpoint, mark_complete
+from .errors import NonFiniteLossError
 from .losses import aligned_loss, pref_advantage_ratio, preference_stats
 from .views import split_views
 
@@ -56,7 +58,15 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, prompt_embedding: torch.Tensor | None = None, **kwargs):
         self.prompt_embedding = prompt_embedding
+        self.nonfinite_batches_skipped = 0
         super().__init__(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # Written after every other file of the checkpoint: without it, resume ignores the folder.
+        if self.args.should_save:
+            mark_complete(f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}")
+        self.accelerator.wait_for_everyone()
 
     # --- data: both views are tokenized before the model is loaded, so TRL's own pass is skipped ---
 
@@ -111,6 +121,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         metrics["dpo_loss"].append(gather(dpo_loss.detach()).mean().item())
 
         loss = dpo_loss
+        aligned = None
         weight = self.args.aligned_loss_weight
         # Training with ALPHA=0 is plain DPO: skip the guided forward. Evaluation always measures it.
         if weight > 0 or mode == "eval":
@@ -125,4 +136,27 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             metrics["pref_delta_w"].append(gather(stats.delta_w).mean().item())
             metrics["pref_delta_l"].append(gather(stats.delta_l).mean().item())
             metrics["aligned_active_frac"].append(gather(stats.active).mean().item())
+        if mode == "train":
+            loss = self._check_finite(loss, dpo_loss, aligned)
         return (loss, result[1]) if return_outputs else loss
+
+    def _check_finite(self, loss, dpo_loss, aligned):
+        """Stop with an error on a NaN/Inf loss, or skip the batch with `--skip_nonfinite_batches`."""
+        finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
+        if finite:
+            return loss
+        step = self.state.global_step + 1
+        if self.args.skip_nonfinite_batches:
+            self.nonfinite_batches_skipped += 1
+            self._metrics["train"]["nonfinite_batches_skipped"].append(self.nonfinite_batches_skipped)
+            # A fresh leaf: backward through it leaves every gradient untouched.
+            return loss.new_zeros((), requires_grad=True)
+        parts = f"dpo_loss={dpo_loss.item():.4g}"
+        if aligned is not None:
+            parts += f", aligned_loss={aligned.item():.4g}, ALPHA={self.args.aligned_loss_weight:g}"
+        last = last_complete_checkpoint(self.args.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise NonFiniteLossError(
+            f"Step {step}: the training loss is {loss.item()} ({parts}); stopped, {kept}. Lower LEARNING_RATE or "
+            "ALPHA, or set SKIP_NONFINITE_BATCHES=true to skip such batches."
+        )

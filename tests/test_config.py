@@ -16,6 +16,11 @@ from .conftest import REPO
 LAUNCHER = REPO / "fast_train.sh"
 
 
+@pytest.fixture(autouse=True)
+def _in_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default output folders are relative: keep them away from real runs
+
+
 @pytest.fixture
 def model_dir(tiny_model_dir):
     return ["--model_name_or_path", str(tiny_model_dir)]

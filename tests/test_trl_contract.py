@@ -265,7 +265,12 @@ def test_separate_reference_model_without_precompute(tiny_model_dir, tokenizer, 
     reference = Qwen2ForCausalLM(AutoModelForCausalLM.from_pretrained(tiny_model_dir).config)  # other weights
     reference.eval()
     trainer = make_trainer(
-        tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, ref_model=reference,
+        tiny_model_dir,
+        tokenizer,
+        small_data,
+        tmp_path,
+        alpha=0.5,
+        ref_model=reference,
         precompute_ref_log_probs=False,
     )
     batch = first_batch(trainer)

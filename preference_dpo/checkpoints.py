@@ -1,0 +1,136 @@
+"""Surviving faults: complete-or-ignored checkpoints, resuming, final outputs, stopping on signals.
+
+A checkpoint counts only once its `checkpoint_complete` marker exists: the marker is written after
+every other file of the checkpoint, so a run killed mid-save leaves a folder without it, which resume
+skips (and removes, saying so). A finished run is marked the same way by `run_config.json`, written last
+into the output folder after the other final files have been moved in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .config import describe
+from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete"
+RUN_CONFIG_NAME = "run_config.json"  # written last: its presence means the run finished
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def mark_complete(checkpoint_dir: str | os.PathLike) -> None:
+    Path(checkpoint_dir, COMPLETE_MARKER).write_text("ok\n")
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-<step>` folder, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, remove_incomplete: bool = False) -> Path | None:
+    """The newest checkpoint with its completion marker; incomplete ones are reported (and removed)."""
+    last = None
+    for _, path in checkpoints(output_dir):
+        if (path / COMPLETE_MARKER).exists():
+            last = path
+            continue
+        logger.warning("%s was not saved completely (the run was killed while saving): skipped.", path)
+        if remove_incomplete:
+            shutil.rmtree(path)
+    return last
+
+
+def is_finished_run(output_dir: str | os.PathLike) -> bool:
+    return Path(output_dir, RUN_CONFIG_NAME).is_file()
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> list[str]:
+    """Problems with writing into `output_dir`: a finished run there is kept unless OVERWRITE asks."""
+    if is_finished_run(output_dir) and not overwrite:
+        return [
+            f"{describe('output_dir')} {output_dir!r} already holds a finished run ({RUN_CONFIG_NAME}); set "
+            f"{describe('overwrite')} to replace it, or choose another OUTPUT_DIR or RUN_NAME."
+        ]
+    return []
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """OVERWRITE: drop the old run's completion marker and checkpoints, so none of it is resumed or kept."""
+    folder = Path(output_dir)
+    if is_finished_run(folder):
+        (folder / RUN_CONFIG_NAME).unlink()
+    for _, path in checkpoints(folder):
+        shutil.rmtree(path)
+    logger.warning("OVERWRITE: replacing the previous run in %s", folder)
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """`true`/`auto`: the newest complete checkpoint in `output_dir` (or None); `false`: None; else a path."""
+    text = "" if value is None else str(value).strip()
+    if text.lower() in ("", "false", "no", "0", "none"):
+        return None
+    if text.lower() in ("auto", "true", "yes", "1"):
+        last = last_complete_checkpoint(output_dir, remove_incomplete=True)
+        if last is not None:
+            logger.info("Resuming from %s", last)
+        return None if last is None else str(last)
+    if not (Path(text) / COMPLETE_MARKER).exists():
+        raise UserInputError(
+            f"{describe('resume_from_checkpoint')} {text!r} is not a complete checkpoint folder "
+            f"(no {COMPLETE_MARKER} file in it)."
+        )
+    return text
+
+
+def move_into(staging: Path, output_dir: Path, last: str) -> None:
+    """Move every file of `staging` into `output_dir` (replacing), the file named `last` at the end."""
+    names = sorted(os.listdir(staging), key=lambda name: name == last)
+    for name in names:
+        target = output_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM / SIGINT: finish the current step, save a checkpoint, and stop training cleanly.
+
+    The pipeline then exits with a message instead of writing final outputs, and rerunning the same
+    command resumes from that checkpoint.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("Received %s: saving a checkpoint after this step, then stopping.", signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

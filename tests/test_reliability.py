@@ -1,0 +1,265 @@
+"""Issue 4: bad input fails early and clearly; kills, signals and NaNs lose nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from preference_dpo.checkpoints import COMPLETE_MARKER, RUN_CONFIG_NAME
+
+from .conftest import REPO, write_jsonl
+
+ENTRY = REPO / "train_with_preference_prompt.py"
+
+
+@pytest.fixture
+def common(tiny_model_dir, small_data, tmp_path):
+    train, test = small_data
+    return [
+        "--model_name_or_path", str(tiny_model_dir), "--train_dataset_path", str(train),
+        "--test_dataset_path", str(test), "--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "logs"),
+        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_strategy", "no",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if any model weights are loaded."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the bad input was reported")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def run_main(argv, capsys, full_log=False):
+    """Exit code and `error:` lines of the entry point (and everything it logged, with full_log)."""
+    from train_with_preference_prompt import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    return (code, errors, err) if full_log else (code, errors)
+
+
+# --- bad input: one line, exit 2, no traceback, before weights load ---------------------------------
+
+
+def _embedding(tmp_path, tensor):
+    path = tmp_path / f"e{len(list(tmp_path.glob('e*.pt')))}.pt"
+    torch.save(tensor, path)
+    return str(path)
+
+
+BAD_SETTINGS = [
+    (["--training_mode", "foo"], "TRAINING_MODE (--training_mode): invalid choice: 'foo'"),
+    (["--beta", "abc"], "BETA (--beta): invalid float value: 'abc'"),
+    (["--lora_r", "1.5"], "LORA_R (--lora_r): invalid int value: '1.5'"),
+    (["--beta", "-0.1"], "BETA (--beta) must be > 0; got -0.1"),
+    (["--max_prompt_length", "400"], "MAX_PROMPT_LENGTH (--max_prompt_length) must be >= 1 and < MAX_LENGTH"),
+    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_SETTINGS)
+def test_bad_settings(common, capsys, no_weights, extra, message):
+    code, errors = run_main(common + extra, capsys)
+    assert code == 2
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_bad_data_and_embedding_files(common, capsys, no_weights, tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": "P", "chosen": "a", "rejected": "b"}\n{oops\n')
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    cases = [
+        (["--train_dataset_path", str(bad_json)], f"{bad_json} line 2: not valid JSON"),
+        (["--train_dataset_path", str(empty_dir)], "folder holds no .jsonl, .json or .parquet file"),
+        (["--max_prompt_length", "8"], "All 48 train pairs were dropped"),
+        (["--training_mode", "embedding", "--prompt_embedding_path", _embedding(tmp_path, torch.randn(2, 48))],
+         "embedding dimension is 48 but the model's hidden size is 64"),
+        (["--training_mode", "embedding", "--prompt_embedding_path", _embedding(tmp_path, torch.randn(200, 64))],
+         "200 virtual tokens, which leaves no room for a prompt within MAX_PROMPT_LENGTH"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        code, errors = run_main(common + extra, capsys)
+        assert code == 2 and len(errors) == 1 and message in errors[0], (extra, errors)
+
+
+def test_model_that_is_not_a_causal_lm(common, capsys, no_weights, tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    code, errors = run_main([*common, "--model_name_or_path", str(tmp_path / "vit")], capsys)
+    assert code == 2 and "model type 'vit' is not a causal language model" in errors[0]
+    code, errors = run_main([*common, "--model_name_or_path", str(no_config)], capsys)
+    assert code == 2 and "cannot load a model config" in errors[0]
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], False), (["--trust_remote_code", "true"], True)])
+def test_remote_code_only_on_request(common, capsys, no_weights, monkeypatch, flag, expected):
+    from transformers import AutoConfig, AutoTokenizer
+
+    seen = []
+    for cls in (AutoConfig, AutoTokenizer):
+        real = cls.from_pretrained
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    code, _ = run_main([*common, "--max_prompt_length", "8", *flag], capsys)  # stops at the data check
+    assert code == 2 and len(seen) >= 2 and set(seen) == {expected}
+
+
+def test_finished_run_is_not_clobbered(common, capsys, no_weights, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RUN_CONFIG_NAME).write_text("{}")
+    (out / "adapter_model.safetensors").write_text("precious")
+    code, errors = run_main(common, capsys)
+    assert code == 2 and "already holds a finished run" in errors[0] and "OVERWRITE (--overwrite)" in errors[0]
+    assert (out / "adapter_model.safetensors").read_text() == "precious"
+
+
+# --- resume -----------------------------------------------------------------------------------------------
+
+
+def adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_killed_run_resumes_and_matches_uninterrupted(common, capsys, tmp_path, monkeypatch):
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    steps = ["--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-2"]
+    reference_args = [*common, *steps, "--output_dir", str(tmp_path / "ref"), "--log_dir", str(tmp_path / "ref_logs")]
+    assert run_main(reference_args, capsys)[0] == 0
+
+    original = PreferenceGuidedDPOTrainer.training_step
+
+    def killed_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise SystemExit("simulated SIGKILL: no chance to save")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", killed_at_step_3)
+    with pytest.raises(SystemExit):
+        run_main([*common, *steps], capsys)
+    out = tmp_path / "out"
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).exists() and not (out / RUN_CONFIG_NAME).exists()
+    (out / "checkpoint-4").mkdir()  # a checkpoint killed half-written: no completion marker
+    (out / "checkpoint-4" / "adapter_model.safetensors").write_text("truncated")
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", original)
+    code, _, log = run_main([*common, *steps], capsys, full_log=True)  # the same command again
+    assert code == 0
+    assert "checkpoint-4 was not saved completely" in log
+    assert f"Resuming from {out / 'checkpoint-2'}" in log
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    resumed, uninterrupted = adapter(out), adapter(tmp_path / "ref")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        # CPU, fp32, dropout off, RNG and data order restored: equal up to float rounding
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_rerun_finishes(common, tmp_path):
+    argv = [sys.executable, str(ENTRY), *common, "--max_steps", "60", "--save_steps", "1000"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = tmp_path / "logs"
+    deadline = time.monotonic() + 120
+    while not (logs.is_dir() and any(p.name.startswith("events") for p in logs.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never logged a step"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted: Stopped by signal at step" in err
+    out = tmp_path / "out"
+    saved = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1 and (saved[0] / COMPLETE_MARKER).exists()
+    stopped_at = int(saved[0].name.split("-")[1])
+    assert 0 < stopped_at < 60 and not (out / RUN_CONFIG_NAME).exists()
+
+    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"Resuming from {saved[0]}" in rerun.stderr
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 60
+
+
+# --- NaN / Inf --------------------------------------------------------------------------------------------
+
+
+def nan_from_call(monkeypatch, n):
+    """Make the aligned loss NaN from its n-th training call on."""
+    import preference_dpo.trainer as trainer_module
+
+    calls = {"n": 0}
+    real = trainer_module.aligned_loss
+
+    def flaky(kind, h_pref, h_base):
+        calls["n"] += 1
+        value = real(kind, h_pref, h_base)
+        return value * float("nan") if calls["n"] >= n else value
+
+    monkeypatch.setattr(trainer_module, "aligned_loss", flaky)
+
+
+def test_nan_loss_stops_naming_step_and_components(common, capsys, monkeypatch, tmp_path):
+    nan_from_call(monkeypatch, 3)
+    code, errors = run_main([*common, "--max_steps", "5", "--save_steps", "1"], capsys)
+    assert code == 3
+    assert len(errors) == 1
+    assert "Step 3: the training loss is nan (dpo_loss=" in errors[0]
+    assert "aligned_loss=nan, ALPHA=0.1" in errors[0]
+    assert f"the last good checkpoint is {tmp_path / 'out' / 'checkpoint-2'}" in errors[0]
+    assert (tmp_path / "out" / "checkpoint-2" / COMPLETE_MARKER).exists()
+    assert not (tmp_path / "out" / "checkpoint-3").exists()
+
+
+def test_nan_batches_can_be_skipped_and_are_counted(common, capsys, monkeypatch, tmp_path):
+    nan_from_call(monkeypatch, 4)
+    code, _ = run_main([*common, "--max_steps", "5", "--skip_nonfinite_batches", "true"], capsys)
+    assert code == 0
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    counts = [h["nonfinite_batches_skipped"] for h in history if "nonfinite_batches_skipped" in h]
+    assert counts == [1.0, 2.0]  # steps 4 and 5
+    weights = adapter(tmp_path / "out")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_signal_callback_requests_save_and_stop():
+    from transformers import TrainerControl
+
+    from preference_dpo.checkpoints import StopOnSignal
+
+    stopper = StopOnSignal(signals=(signal.SIGUSR1,))
+    try:
+        control = stopper.on_step_end(None, None, TrainerControl())
+        assert not control.should_save
+        os.kill(os.getpid(), signal.SIGUSR1)
+        control = stopper.on_step_end(None, None, TrainerControl())
+        assert control.should_save and control.should_training_stop and stopper.received == signal.SIGUSR1
+    finally:
+        stopper.restore()
+
+
+def test_data_file_untouched_by_failed_run(common, capsys, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "P", "chosen": "a"}])
+    before = data.read_bytes()
+    code, _ = run_main([*common, "--train_dataset_path", str(data)], capsys)
+    assert code == 2 and data.read_bytes() == before
