@@ -26,6 +26,7 @@ DEFAULT_PREFERENCE_TEXT = "Please provide a helpful, honest, harmless and concis
 TRAINING_MODES = ("text", "embedding")
 PREFERENCE_POSITIONS = ("system", "user")
 ALIGN_LOSSES = ("hinge",)
+GUIDED_FORWARDS = ("shared_prompt", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # Launcher variable -> flag. Error messages name both; the README's table is checked against this one.
@@ -151,6 +152,14 @@ class PreferenceDPOConfig(DPOConfig):
             "choices": list(ALIGN_LOSSES),
         },
     )
+    guided_forward: str = field(
+        default="shared_prompt",
+        metadata={
+            "help": "How the guided view is scored: `shared_prompt` runs each guided prompt once and both responses "
+            "on its KV cache; `full` runs prompt+response twice (the reference the first is tested against).",
+            "choices": list(GUIDED_FORWARDS),
+        },
+    )
     max_prompt_length: int = field(
         default=128,
         metadata={
@@ -238,6 +247,7 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
     _check_choice(problems, "preference_position", train.preference_position, PREFERENCE_POSITIONS)
     _check_choice(problems, "align_loss", train.align_loss, ALIGN_LOSSES)
     _check_choice(problems, "precision", train.precision, PRECISIONS)
+    _check_choice(problems, "guided_forward", train.guided_forward, GUIDED_FORWARDS)
     if train.training_mode == "text" and not train.preference_text.strip():
         problems.append(f"{describe('preference_text')} is empty: text mode needs the instruction text.")
     if train.training_mode == "embedding":

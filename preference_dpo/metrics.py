@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 from transformers import TrainerCallback
 
@@ -85,3 +86,63 @@ class TensorBoardMetricsCallback(TrainerCallback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated on this device, or the process's peak resident memory on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds `samples_per_second` and `tokens_per_second` (training time only) to every training log,
+    and logs a one-line summary when training ends.
+
+    Tokens are TRL's `num_tokens` count (non-padding tokens of the base view, all ranks); samples are
+    pairs, `global_step x per-device batch x accumulation x ranks`.
+    """
+
+    def __init__(self):
+        self._window = None  # (time, step, tokens) at the start of the current logging window
+        self._train_seconds = 0.0
+        self._tokens = 0
+
+    def _pairs_per_step(self, args) -> int:
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start_step = state.global_step
+        self._window = (time.perf_counter(), state.global_step, 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or self._window is None:
+            return  # evaluation and end-of-training logs
+        now = time.perf_counter()
+        start, step, tokens = self._window
+        seconds = now - start
+        self._tokens = int(logs.get("num_tokens", tokens))
+        if seconds > 0:
+            logs["samples_per_second"] = (state.global_step - step) * self._pairs_per_step(args) / seconds
+            logs["tokens_per_second"] = (self._tokens - tokens) / seconds
+        self._train_seconds += seconds
+        self._window = (now, state.global_step, self._tokens)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self._window is not None:  # leave evaluation time out of the next window
+            _, step, tokens = self._window
+            self._window = (time.perf_counter(), step, tokens)
+
+    def summary(self, args, state, wall_seconds: float) -> str:
+        steps = state.global_step - self._start_step
+        pairs = steps * self._pairs_per_step(args)
+        train = max(self._train_seconds, 1e-9)
+        return (
+            f"wall {wall_seconds:.0f} s, {steps} steps, {pairs / train:.2f} samples/s (pairs), "
+            f"{self._tokens / train:.0f} tokens/s over {train:.0f} s of training steps (evaluation excluded, "
+            f"logged windows only), peak memory {peak_memory_bytes() / 2**30:.2f} GiB"
+        )

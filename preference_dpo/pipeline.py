@@ -63,7 +63,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from trl import get_peft_config
 
     from .data import load_preference_dataset
-    from .metrics import TensorBoardMetricsCallback
+    from .metrics import TensorBoardMetricsCallback, ThroughputCallback
     from .trainer import PreferenceGuidedDPOTrainer
     from .views import PreferenceViewsCollator, load_prompt_embedding, tokenize_preference_dataset
 
@@ -117,24 +117,31 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
 
     tensorboard = TensorBoardMetricsCallback(train_args.log_dir)
     stopper = StopOnSignal()
+    throughput = ThroughputCallback()  # before the TensorBoard writer: it adds its figures to the logs
     trainer = PreferenceGuidedDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=train_args,
         data_collator=PreferenceViewsCollator(
-            pad_token_id=tokenizer.pad_token_id, max_length=train_args.max_length, num_soft_tokens=num_soft_tokens
+            pad_token_id=tokenizer.pad_token_id,
+            max_length=train_args.max_length,
+            num_soft_tokens=num_soft_tokens,
+            guided_forward=train_args.guided_forward,
         ),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[tensorboard, stopper],
+        callbacks=[throughput, tensorboard, stopper],
         prompt_embedding=prompt_embedding,
     )
+    train_started = time.monotonic()
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:
         stopper.restore()
+    if trainer.is_world_process_zero():
+        logger.info("Training: %s", throughput.summary(train_args, trainer.state, time.monotonic() - train_started))
     if stopper.received is not None:
         tensorboard.close()
         raise TrainingInterrupted(

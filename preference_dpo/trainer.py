@@ -7,6 +7,9 @@ What it relies on in TRL 1.16 (pinned; `tests/test_trl_contract.py` fails loudly
   log-probs with gradient come from TRL's own forward: no second forward with gradient.
 - `_prepare_dataset`, `_set_signature_columns_if_needed`, `compute_ref_log_probs` and the
   `self._metrics[mode]` lists that `log` averages.
+- For the shared-prompt guided view: the fused forward passes `past_key_values` and `position_ids`
+  through to the backbone, whose attention layers extend a given cache even though the fused head sets
+  `use_cache=False` (`test_shared_prompt_guided_view_equals_full_guided_view` fails if not).
 """
 
 from __future__ import annotations
@@ -92,22 +95,75 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
     # --- loss ---
 
+    def _insert_soft_tokens(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Replace the placeholder embeddings at `mask` by the soft prompt, k rows per sequence, in order."""
+        soft = self.prompt_embedding.to(device=embeds.device, dtype=embeds.dtype)
+        return embeds.masked_scatter(mask.unsqueeze(-1), soft.repeat(embeds.size(0), 1))
+
     def _guided_logps(self, model, guided: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs of the guided view, policy weights, no gradient."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if "prompt_input_ids" in guided:
+                return self._guided_logps_shared_prompt(model, guided)
+            return self._guided_logps_full(model, guided)
+
+    def _guided_logps_shared_prompt(self, model, guided: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each guided prompt once; both responses on its KV cache, expanded to the pair.
+
+        The prompt pass stops one token short, so that the response pass starts with the prompt's last
+        token and the fused LM head scores every response token, the first one included.
+        """
+        from transformers import DynamicCache
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        prompt_mask = guided["prompt_attention_mask"]
+        prompt_embeds = unwrapped.get_input_embeddings()(guided["prompt_input_ids"])
+        if "prompt_soft_token_mask" in guided:
+            prompt_embeds = self._insert_soft_tokens(prompt_embeds, guided["prompt_soft_token_mask"])
+        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache(config=causal_lm.config)
+        causal_lm.base_model(
+            inputs_embeds=prompt_embeds[:, :-1], attention_mask=prompt_mask[:, :-1], position_ids=positions[:, :-1],
+            past_key_values=cache, use_cache=True,
+        )  # fmt: skip
+        cache.batch_repeat_interleave(2)  # rows: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...
+
+        def interleave(t: torch.Tensor) -> torch.Tensor:
+            chosen, rejected = t.chunk(2, dim=0)
+            return torch.stack([chosen, rejected], dim=1).flatten(0, 1)
+
+        completion, completion_mask = (
+            interleave(guided["completion_ids"]),
+            interleave(guided["completion_attention_mask"]),
+        )
+        inputs_embeds = torch.cat(
+            [prompt_embeds[:, -1:].repeat_interleave(2, dim=0), unwrapped.get_input_embeddings()(completion)], dim=1
+        )
+        pair_mask = prompt_mask.repeat_interleave(2, dim=0)
+        last = positions[:, -1:].repeat_interleave(2, dim=0)
+        labels = torch.cat([torch.full_like(last, -100), completion.masked_fill(completion_mask == 0, -100)], dim=1)
+        outputs = model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=torch.cat([pair_mask, completion_mask], dim=1),
+            position_ids=last + torch.arange(inputs_embeds.size(1), device=last.device),
+            past_key_values=cache,
+            labels=labels,
+            fused_lm_head=True,
+        )
+        logps = outputs.log_probs.sum(dim=1)
+        return logps[0::2], logps[1::2]
+
+    def _guided_logps_full(self, model, guided: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole guided sequences, chosen and rejected each with its own copy of the prompt."""
         labels = guided["input_ids"].masked_fill(guided["completion_mask"] == 0, -100)
         kwargs: dict[str, Any] = {"attention_mask": guided["attention_mask"], "use_cache": False}
         if "soft_token_mask" in guided:
-            embed = self.accelerator.unwrap_model(model).get_input_embeddings()
-            with torch.no_grad():
-                embeds = embed(guided["input_ids"])
-            soft = self.prompt_embedding.to(device=embeds.device, dtype=embeds.dtype)
-            # masked_scatter fills the masked positions row by row, k per row, in order
-            source = soft.repeat(embeds.size(0), 1)
-            kwargs["inputs_embeds"] = embeds.masked_scatter(guided["soft_token_mask"].unsqueeze(-1), source)
+            embeds = self.accelerator.unwrap_model(model).get_input_embeddings()(guided["input_ids"])
+            kwargs["inputs_embeds"] = self._insert_soft_tokens(embeds, guided["soft_token_mask"])
         else:
             kwargs["input_ids"] = guided["input_ids"]
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            outputs = model(**kwargs, labels=labels, fused_lm_head=True)
+        outputs = model(**kwargs, labels=labels, fused_lm_head=True)
         return sequence_logps(outputs.log_probs, guided["completion_mask"])
 
     def _compute_loss(self, model, inputs, return_outputs):

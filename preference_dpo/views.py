@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from trl.data_utils import common_prefix_length
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import pad
 
 from .errors import UserInputError
 
@@ -270,14 +271,22 @@ def tokenize_preference_dataset(
 class PreferenceViewsCollator(DataCollatorForPreference):
     """TRL's preference collator, plus the guided view of the same pairs under `guided_*` keys.
 
-    `guided_soft_token_mask` (embedding mode only) marks the `num_soft_tokens` placeholder positions
-    at the end of each guided prompt, where the trainer inserts the soft prompt.
+    `guided_forward="shared_prompt"`: the guided prompts once per pair, left-padded so that they all end
+    in the last column (`guided_prompt_input_ids`, `guided_prompt_attention_mask`), and the responses
+    alone, right-padded, chosen rows then rejected rows (`guided_completion_ids`,
+    `guided_completion_attention_mask`). `guided_forward="full"`: whole guided sequences laid out like the
+    base batch (`guided_input_ids`, `guided_attention_mask`, `guided_completion_mask`).
+    The soft-token mask (embedding mode) marks the `num_soft_tokens` placeholders ending each guided prompt.
     """
 
     num_soft_tokens: int = 0
+    guided_forward: str = "shared_prompt"
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
+        if self.guided_forward == "shared_prompt":
+            batch.update(self._shared_prompt_view(examples))
+            return batch
         guided_examples = [
             {"prompt_ids": ex["guided_prompt_ids"], "chosen_ids": ex["chosen_ids"], "rejected_ids": ex["rejected_ids"]}
             for ex in examples
@@ -293,6 +302,21 @@ class PreferenceViewsCollator(DataCollatorForPreference):
                 mask[row, end - self.num_soft_tokens : end] = True
             batch["guided_soft_token_mask"] = mask
         return batch
+
+    def _shared_prompt_view(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts = [torch.tensor(ex["guided_prompt_ids"]) for ex in examples]
+        completions = [torch.tensor(ex[key]) for key in ("chosen_ids", "rejected_ids") for ex in examples]
+        view = {
+            "guided_prompt_input_ids": pad(prompts, padding_value=self.pad_token_id, padding_side="left"),
+            "guided_prompt_attention_mask": pad([torch.ones_like(p) for p in prompts], 0, padding_side="left"),
+            "guided_completion_ids": pad(completions, padding_value=self.pad_token_id, padding_side="right"),
+            "guided_completion_attention_mask": pad([torch.ones_like(c) for c in completions], 0, padding_side="right"),
+        }
+        if self.num_soft_tokens:
+            mask = torch.zeros_like(view["guided_prompt_input_ids"], dtype=torch.bool)
+            mask[:, -self.num_soft_tokens :] = True  # left-padded: every prompt ends in the last column
+            view["guided_prompt_soft_token_mask"] = mask
+        return view
 
 
 def split_views(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

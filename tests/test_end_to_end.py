@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 
 import pytest
@@ -74,7 +75,9 @@ def test_outputs_match_the_user_guide_layout(text_run):
     assert EXPECTED_OUTPUTS <= set(os.listdir(out))
     assert "no GPU in use: training on CPU" in result.stderr
     run_logs = list((logs / "runs").iterdir())
-    assert len(run_logs) == 1 and "Finished 4 steps" in run_logs[0].read_text()
+    log = run_logs[0].read_text()
+    assert len(run_logs) == 1 and "Finished 4 steps" in log
+    assert re.search(r"Training: wall \d+ s, 4 steps, [\d.]+ samples/s \(pairs\), \d+ tokens/s", log)
     config = json.loads((out / "run_config.json").read_text())
     assert config["training"]["aligned_loss_weight"] == 0.1
     assert config["versions"]["trl"] == "1.16.0"
@@ -92,6 +95,7 @@ def test_every_method_tag_is_logged_with_finite_values(text_run):
     assert len(values["loss/train"]) == 4  # LOGGING_STEPS=1
     assert len(values["rewards_eval/accuracy"]) >= 2  # at step 2, step 4 and the final evaluation
     assert {"train/learning_rate", "train/grad_norm", "eval/entropy"} <= set(values)  # TRL's own metrics too
+    assert all(v > 0 for v in values["train/tokens_per_second"] + values["train/samples_per_second"])
     for a, b, c in zip(
         values["loss/train"], values["loss_components/dpo_loss"], values["loss_components/aligned_loss"], strict=True
     ):

@@ -85,8 +85,16 @@ def make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft
     )
 
 
-def first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+def first_batch(trainer, n=4):
+    """The trainer's batch of the first n pairs, and the same pairs' whole guided sequences (`full` layout)."""
+    from preference_dpo.views import PreferenceViewsCollator
+
+    examples = [trainer.train_dataset[i] for i in range(n)]
+    collator = trainer.data_collator
+    full = PreferenceViewsCollator(
+        pad_token_id=collator.pad_token_id, num_soft_tokens=collator.num_soft_tokens, guided_forward="full"
+    )(examples)
+    return trainer._prepare_inputs(collator(examples)), trainer._prepare_inputs(full)
 
 
 def manual_logps(model, input_ids, attention_mask, completion_mask, inputs_embeds=None):
@@ -110,7 +118,7 @@ def perturb_adapter(trainer, scale=0.05):
 def test_loss_matches_independent_computation(tiny_model_dir, tokenizer, small_data, tmp_path, alpha):
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=alpha)
     perturb_adapter(trainer)
-    batch = first_batch(trainer)
+    batch, full = first_batch(trainer)
     model = trainer.model
     model.train()
     loss = trainer.compute_loss(model, batch)
@@ -118,7 +126,7 @@ def test_loss_matches_independent_computation(tiny_model_dir, tokenizer, small_d
     with torch.no_grad():
         chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         g_chosen, g_rejected = manual_logps(
-            model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"]
+            model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
         )
     margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
     dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
@@ -146,7 +154,7 @@ def test_alpha_zero_equals_plain_trl_dpo(tiny_model_dir, tokenizer, small_data, 
 
     ours = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.0)
     perturb_adapter(ours)
-    batch = first_batch(ours)
+    batch, _ = first_batch(ours)
     base_keys = {k: v for k, v in batch.items() if not k.startswith("guided_")}
     plain = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -177,7 +185,7 @@ def test_alpha_zero_equals_plain_trl_dpo(tiny_model_dir, tokenizer, small_data, 
 def test_dpo_loss_is_ln2_before_training(tiny_model_dir, tokenizer, small_data, tmp_path):
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.1)
     trainer.model.train()
-    trainer.compute_loss(trainer.model, first_batch(trainer))
+    trainer.compute_loss(trainer.model, first_batch(trainer)[0])
     assert trainer._metrics["train"]["dpo_loss"][-1] == pytest.approx(math.log(2), abs=1e-5)
 
 
@@ -185,7 +193,7 @@ def test_guided_view_has_no_gradient_and_base_view_does(tiny_model_dir, tokenize
     """The aligned term's gradient equals -alpha/B * sum over active pairs of grad(h_base): nothing from h_pref."""
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=1.0)
     perturb_adapter(trainer)
-    batch = first_batch(trainer)
+    batch, full = first_batch(trainer)
     model = trainer.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -195,7 +203,7 @@ def test_guided_view_has_no_gradient_and_base_view_does(tiny_model_dir, tokenize
     chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     with torch.no_grad():
         g_chosen, g_rejected = manual_logps(
-            model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"]
+            model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
         )
     margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
     expected = (
@@ -211,38 +219,38 @@ def test_embedding_mode_inserts_soft_tokens_after_the_prompt(tiny_model_dir, tok
     soft = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * 0.1
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, soft=soft)
     perturb_adapter(trainer)
-    batch = first_batch(trainer)
+    batch, full = first_batch(trainer)
     model = trainer.model
     model.eval()
     with torch.no_grad():
         got_chosen, got_rejected = trainer._guided_logps(
             model,
             {
-                "input_ids": batch["guided_input_ids"],
-                "attention_mask": batch["guided_attention_mask"],
-                "completion_mask": batch["guided_completion_mask"],
-                "soft_token_mask": batch["guided_soft_token_mask"],
+                "input_ids": full["guided_input_ids"],
+                "attention_mask": full["guided_attention_mask"],
+                "completion_mask": full["guided_completion_mask"],
+                "soft_token_mask": full["guided_soft_token_mask"],
             },
         )
         # Build the guided embeddings by hand, row by row: prompt, soft tokens, response.
         embed = model.get_input_embeddings()
         rows = []
-        for row in range(batch["guided_input_ids"].size(0)):
-            ids = batch["guided_input_ids"][row]
-            p_len = int(batch["guided_soft_token_mask"][row].nonzero()[0])
+        for row in range(full["guided_input_ids"].size(0)):
+            ids = full["guided_input_ids"][row]
+            p_len = int(full["guided_soft_token_mask"][row].nonzero()[0])
             rows.append(torch.cat([embed(ids[:p_len]), soft, embed(ids[p_len + 3 :])]))
         want_chosen, want_rejected = manual_logps(
             model,
-            batch["guided_input_ids"],
-            batch["guided_attention_mask"],
-            batch["guided_completion_mask"],
+            full["guided_input_ids"],
+            full["guided_attention_mask"],
+            full["guided_completion_mask"],
             inputs_embeds=torch.stack(rows),
         )
     torch.testing.assert_close(got_chosen, want_chosen, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_rejected, want_rejected, rtol=1e-4, atol=1e-4)
     # and the soft tokens change the log-probs (they are really inserted)
     plain_chosen, _ = manual_logps(
-        model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"]
+        model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
     )
     assert not torch.allclose(plain_chosen, got_chosen)
 
@@ -273,7 +281,7 @@ def test_separate_reference_model_without_precompute(tiny_model_dir, tokenizer, 
         ref_model=reference,
         precompute_ref_log_probs=False,
     )
-    batch = first_batch(trainer)
+    batch, full = first_batch(trainer)
     assert "ref_chosen_logps" not in batch
     model = trainer.model
     model.train()
@@ -284,10 +292,32 @@ def test_separate_reference_model_without_precompute(tiny_model_dir, tokenizer, 
             reference, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
         )
         g_chosen, g_rejected = manual_logps(
-            model, batch["guided_input_ids"], batch["guided_attention_mask"], batch["guided_completion_mask"]
+            model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
         )
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)
     dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
     hinge = torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
     assert abs(dpo.item() - math.log(2)) > 1e-3  # the reference really differs from the policy
     assert loss.item() == pytest.approx((dpo + 0.5 * hinge).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("k", [0, 3], ids=["text", "embedding"])
+def test_shared_prompt_guided_view_equals_full_guided_view(tiny_model_dir, tokenizer, small_data, tmp_path, k):
+    """The optimised guided forward (prompt once, responses on its cache) gives the plain forward's log-probs."""
+    from preference_dpo.views import PreferenceViewsCollator, split_views
+
+    soft = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)) * 0.1 if k else None
+    trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, soft=soft)
+    perturb_adapter(trainer)
+    examples = [trainer.train_dataset[i] for i in range(8)]
+    assert len({len(ex["guided_prompt_ids"]) for ex in examples}) > 1  # prompts of several lengths: padding matters
+    views = {
+        mode: split_views(PreferenceViewsCollator(pad_token_id=tokenizer.pad_token_id, num_soft_tokens=k,
+                                                  guided_forward=mode)(examples))[1]
+        for mode in ("full", "shared_prompt")
+    }  # fmt: skip
+    trainer.model.eval()
+    full = trainer._guided_logps(trainer.model, views["full"])
+    shared = trainer._guided_logps(trainer.model, views["shared_prompt"])
+    for a, b in zip(full, shared, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-4)  # fp32 sums over ~60 tokens

@@ -104,7 +104,7 @@ def test_collator_builds_guided_batch_with_soft_token_mask():
         {"prompt_ids": [1, 2], "guided_prompt_ids": [1, 2, 0, 0], "chosen_ids": [5, 6], "rejected_ids": [7]},
         {"prompt_ids": [3], "guided_prompt_ids": [3, 0, 0], "chosen_ids": [8], "rejected_ids": [9, 10, 11]},
     ]
-    batch = PreferenceViewsCollator(pad_token_id=0, num_soft_tokens=2)(examples)
+    batch = PreferenceViewsCollator(pad_token_id=0, num_soft_tokens=2, guided_forward="full")(examples)
     assert batch["input_ids"].tolist() == [[1, 2, 5, 6], [3, 8, 0, 0], [1, 2, 7, 0], [3, 9, 10, 11]]
     assert batch["guided_input_ids"].tolist() == [
         [1, 2, 0, 0, 5, 6],
@@ -197,3 +197,17 @@ def test_pickle_that_runs_code_is_refused_and_does_not_run(tmp_path):
     with pytest.raises(UserInputError, match="pickled Python objects, which are refused"):
         load_prompt_embedding(path, 8)
     assert not marker.exists()
+
+
+def test_collator_shared_prompt_layout():
+    examples = [
+        {"prompt_ids": [1, 2], "guided_prompt_ids": [1, 2, 0, 0], "chosen_ids": [5, 6], "rejected_ids": [7]},
+        {"prompt_ids": [3], "guided_prompt_ids": [3, 0, 0], "chosen_ids": [8], "rejected_ids": [9, 10, 11]},
+    ]
+    batch = PreferenceViewsCollator(pad_token_id=0, num_soft_tokens=2)(examples)  # shared_prompt is the default
+    assert batch["guided_prompt_input_ids"].tolist() == [[1, 2, 0, 0], [0, 3, 0, 0]]  # left-padded
+    assert batch["guided_prompt_attention_mask"].tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert batch["guided_prompt_soft_token_mask"].int().tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    assert batch["guided_completion_ids"].tolist() == [[5, 6, 0], [8, 0, 0], [7, 0, 0], [9, 10, 11]]
+    assert batch["guided_completion_attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]]
+    assert "guided_input_ids" not in batch
