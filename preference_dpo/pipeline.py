@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -21,6 +22,24 @@ logger = logging.getLogger(__name__)
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "tokenizers")
 STAGING_DIR = ".final_outputs_incomplete"
+TOKENIZED_DIR = ".tokenized"
+
+
+def file_backed(dataset, folder: Path, train_args: PreferenceDPOConfig):
+    """The dataset saved once (main process) and memory-mapped by every rank from `folder`.
+
+    TRL's reference precompute caches its results next to the dataset's files; for a data set that lives
+    only in memory that is a private temporary folder per process, and every rank but 0 fails to find
+    rank 0's cache. A shared file-backed copy gives all ranks the same cache folder.
+    """
+    from datasets import load_from_disk
+
+    with train_args.main_process_first(desc=f"saving {folder.name}"):
+        if train_args.process_index == 0:
+            if folder.exists():
+                shutil.rmtree(folder)
+            dataset.save_to_disk(str(folder))
+    return load_from_disk(str(folder))
 
 
 def check_causal_lm(path: str, flag: str, trust_remote_code: bool):
@@ -101,6 +120,10 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     elif train_args.eval_strategy != "no":
         logger.info("No test set: evaluation is off.")
         train_args.eval_strategy = "no"
+    tokenized = Path(train_args.output_dir) / TOKENIZED_DIR
+    train_dataset = file_backed(train_dataset, tokenized / "train", train_args)
+    if eval_dataset is not None:
+        eval_dataset = file_backed(eval_dataset, tokenized / "test", train_args)
     if train_args.overwrite:
         clear_previous_run(train_args.output_dir)
         resume_from = None
@@ -189,3 +212,5 @@ def save_outputs(trainer, tokenizer, base_config, data_args, model_args, train_a
         write_run_config(staging / RUN_CONFIG_NAME, data_args, model_args, train_args, extra)
         move_into(staging, output_dir, last=RUN_CONFIG_NAME)
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        shutil.rmtree(output_dir / TOKENIZED_DIR, ignore_errors=True)  # a per-run cache, rebuilt on every start

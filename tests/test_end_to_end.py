@@ -73,6 +73,7 @@ def text_run(tmp_path_factory, tiny_model_dir, small_data):
 def test_outputs_match_the_user_guide_layout(text_run):
     out, logs, result = text_run
     assert EXPECTED_OUTPUTS <= set(os.listdir(out))
+    assert not {".tokenized", ".final_outputs_incomplete"} & set(os.listdir(out))  # no staging or cache left
     assert "no GPU in use: training on CPU" in result.stderr
     run_logs = list((logs / "runs").iterdir())
     log = run_logs[0].read_text()
