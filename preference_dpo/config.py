@@ -25,7 +25,7 @@ DEFAULT_RUN_NAME = "Preference_Guided_DPO"
 DEFAULT_PREFERENCE_TEXT = "Please provide a helpful, honest, harmless and concise answer."
 TRAINING_MODES = ("text", "embedding")
 PREFERENCE_POSITIONS = ("system", "user")
-ALIGN_LOSSES = ("hinge",)
+ALIGN_LOSSES = ("hinge", "ref_hinge")
 GUIDED_FORWARDS = ("shared_prompt", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 

@@ -4,8 +4,10 @@ Inputs are per-pair summed log-probs of the response tokens, shape [batch]:
 
     h_base = logp_theta(y_w | x)   - logp_theta(y_l | x)         (with gradient)
     h_pref = logp_theta(y_w | p,x) - logp_theta(y_l | p,x)       (no gradient: the guided view)
+    h_ref_pref = logp_ref(y_w | p,x) - logp_ref(y_l | p,x)       (the frozen reference, guided view)
     dpo_loss     = mean(-log sigmoid(beta * [(logp(y_w|x) - ref(y_w|x)) - (logp(y_l|x) - ref(y_l|x))]))
     aligned_loss = mean(relu(stopgrad(h_pref) - h_base))          ("hinge", the user's method)
+                 = mean(relu(h_ref_pref - h_base))                  ("ref_hinge")
     loss         = dpo_loss + alpha * aligned_loss
 
 The trainer takes `dpo_loss` from TRL (any TRL `loss_type`); `dpo_sigmoid_loss` here is the reference
@@ -32,17 +34,28 @@ def dpo_sigmoid_loss(
     return -F.logsigmoid(beta * margin).mean()
 
 
-def hinge_aligned_loss(h_pref: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
-    """mean(relu(stopgrad(h_pref) - h_base)): raise the un-instructed margin to the instructed one."""
-    return torch.relu(h_pref.detach() - h_base).mean()
+def hinge_aligned_loss(target: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
+    """mean(relu(stopgrad(target) - h_base)): raise the un-instructed margin to the target margin.
+
+    `hinge` uses the policy's own instructed margin h_pref as target, which rises with h_base, so the
+    term never saturates (METHOD.md, "Known behaviour"). `ref_hinge` uses the frozen reference's
+    instructed margin, a fixed target: the term stops once the un-instructed policy is as decisive as
+    the instructed base model.
+    """
+    return torch.relu(target.detach() - h_base).mean()
 
 
-ALIGNED_LOSSES = {"hinge": hinge_aligned_loss}
+# form -> (loss function, whether its target is the reference's guided margin)
+ALIGNED_LOSSES = {"hinge": (hinge_aligned_loss, False), "ref_hinge": (hinge_aligned_loss, True)}
 
 
-def aligned_loss(kind: str, h_pref: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
-    """The aligned-loss form `kind` (see `ALIGNED_LOSSES`)."""
-    return ALIGNED_LOSSES[kind](h_pref, h_base)
+def aligned_loss(kind: str, target: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
+    """The aligned-loss form `kind` (see `ALIGNED_LOSSES`); `target` is h_pref or h_ref_pref accordingly."""
+    return ALIGNED_LOSSES[kind][0](target, h_base)
+
+
+def uses_reference_target(kind: str) -> bool:
+    return ALIGNED_LOSSES[kind][1]
 
 
 @dataclass(frozen=True)

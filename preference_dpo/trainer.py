@@ -15,6 +15,7 @@ What it relies on in TRL 1.16 (pinned; `tests/test_trl_contract.py` fails loudly
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,10 +25,13 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from .checkpoints import last_complete_checkpoint, mark_complete
 from .errors import NonFiniteLossError
-from .losses import aligned_loss, pref_advantage_ratio, preference_stats
+from .losses import aligned_loss, pref_advantage_ratio, preference_stats, uses_reference_target
 from .views import split_views
 
+logger = logging.getLogger(__name__)
+
 GUIDED_COLUMNS = ("guided_prompt_ids",)
+REFERENCE_GUIDED_COLUMNS = ("ref_guided_chosen_logps", "ref_guided_rejected_logps")
 
 
 @contextlib.contextmanager
@@ -63,6 +67,39 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         self.prompt_embedding = prompt_embedding
         self.nonfinite_batches_skipped = 0
         super().__init__(*args, **kwargs)
+        if uses_reference_target(self.args.align_loss):
+            self.train_dataset = self._precompute_ref_guided_logps(self.train_dataset, "train")
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_ref_guided_logps(self.eval_dataset, "eval")
+
+    def _precompute_ref_guided_logps(self, dataset, name: str):
+        """The reference model's guided-view log-probs of every pair, once, as two new columns (`ref_hinge`)."""
+        from torch.utils.data import DataLoader
+        from trl.trainer.utils import use_adapter
+
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size,
+                       collate_fn=self.data_collator, shuffle=False, num_workers=self.args.dataloader_num_workers)
+        )  # fmt: skip
+        model = self.ref_model or getattr(self, "_precompute_engine", None) or self.model
+        adapter_off = contextlib.nullcontext()
+        if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_off = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        chosen, rejected = [], []
+        was_training = self.model.training
+        self.model.eval()
+        with adapter_off:
+            for batch in loader:
+                _, guided = split_views(batch)
+                c, r = self.accelerator.gather_for_metrics(self._guided_logps(model, guided))
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
+        self.model.train(was_training)
+        logger.info("Computed the reference's guided-view log-probs for %d %s pairs", len(dataset), name)
+        return dataset.add_column(REFERENCE_GUIDED_COLUMNS[0], torch.cat(chosen).tolist()).add_column(
+            REFERENCE_GUIDED_COLUMNS[1], torch.cat(rejected).tolist()
+        )
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -84,10 +121,8 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = [
-            *self._signature_columns,
-            *(c for c in GUIDED_COLUMNS if c not in self._signature_columns),
-        ]
+        extra = (*GUIDED_COLUMNS, *REFERENCE_GUIDED_COLUMNS)
+        self._signature_columns = [*self._signature_columns, *(c for c in extra if c not in self._signature_columns)]
 
     def compute_ref_log_probs(self, model, inputs):
         base, _ = split_views(inputs)
@@ -179,19 +214,29 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         loss = dpo_loss
         aligned = None
         weight = self.args.aligned_loss_weight
-        # Training with ALPHA=0 is plain DPO: skip the guided forward. Evaluation always measures it.
+        reference_target = uses_reference_target(self.args.align_loss)
+        # Training with ALPHA=0 is plain DPO, and `ref_hinge` reads its target from the precomputed
+        # reference: both skip the guided forward. Evaluation always measures the guided view.
+        policy_guided = mode == "eval" or (weight > 0 and not reference_target)
         if weight > 0 or mode == "eval":
             base_chosen, base_rejected = sequence_logps(captured[0].log_probs, base["completion_mask"])
-            guided_chosen, guided_rejected = self._guided_logps(model, guided)
-            aligned = aligned_loss(self.args.align_loss, guided_chosen - guided_rejected, base_chosen - base_rejected)
+            h_base = base_chosen - base_rejected
+            if policy_guided:
+                guided_chosen, guided_rejected = self._guided_logps(model, guided)
+                stats = preference_stats(base_chosen, base_rejected, guided_chosen, guided_rejected)
+                metrics["pref_advantage_ratio"].append(pref_advantage_ratio(gather(stats.advantage)).item())
+                metrics["pref_delta_w"].append(gather(stats.delta_w).mean().item())
+                metrics["pref_delta_l"].append(gather(stats.delta_l).mean().item())
+            if reference_target:
+                target = guided["ref_chosen_logps"] - guided["ref_rejected_logps"]
+            else:
+                target = guided_chosen - guided_rejected
+            aligned = aligned_loss(self.args.align_loss, target, h_base)
             if weight > 0:
                 loss = dpo_loss + weight * aligned
-            stats = preference_stats(base_chosen, base_rejected, guided_chosen, guided_rejected)
             metrics["aligned_loss"].append(gather(aligned.detach()).mean().item())
-            metrics["pref_advantage_ratio"].append(pref_advantage_ratio(gather(stats.advantage)).item())
-            metrics["pref_delta_w"].append(gather(stats.delta_w).mean().item())
-            metrics["pref_delta_l"].append(gather(stats.delta_l).mean().item())
-            metrics["aligned_active_frac"].append(gather(stats.active).mean().item())
+            active = (target.detach() > h_base.detach()).float()  # where the hinge pushes
+            metrics["aligned_active_frac"].append(gather(active).mean().item())
         if mode == "train":
             loss = self._check_finite(loss, dpo_loss, aligned)
         return (loss, result[1]) if return_outputs else loss

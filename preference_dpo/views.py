@@ -284,6 +284,9 @@ class PreferenceViewsCollator(DataCollatorForPreference):
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
+        if "ref_guided_chosen_logps" in examples[0]:  # ALIGN_LOSS=ref_hinge: the reference's guided view
+            for side in ("chosen", "rejected"):
+                batch[f"guided_ref_{side}_logps"] = torch.tensor([ex[f"ref_guided_{side}_logps"] for ex in examples])
         if self.guided_forward == "shared_prompt":
             batch.update(self._shared_prompt_view(examples))
             return batch

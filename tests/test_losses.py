@@ -71,3 +71,20 @@ def test_preference_stats_and_ratio():
 def test_active_fraction_counts_pairs_the_hinge_pushes():
     stats = preference_stats(torch.zeros(4), torch.zeros(4), torch.tensor([1.0, -1.0, 0.0, 2.0]), torch.zeros(4))
     assert stats.active.mean().item() == pytest.approx(0.5)  # strict: a zero advantage is not active
+
+
+def test_ref_hinge_uses_a_fixed_target_and_saturates():
+    """target (reference's instructed margin) = [2, 2]; h_base = [1, 3] -> relu([1, -1]) = [1, 0] -> 0.5.
+
+    Once h_base passes the target the pair contributes nothing (gradient 0), unlike `hinge`, whose target
+    is the policy's own instructed margin and moves with it.
+    """
+    from preference_dpo.losses import uses_reference_target
+
+    target = torch.tensor([2.0, 2.0])
+    h_base = torch.tensor([1.0, 3.0], requires_grad=True)
+    loss = aligned_loss("ref_hinge", target, h_base)
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    assert torch.equal(h_base.grad, torch.tensor([-0.5, 0.0]))
+    assert uses_reference_target("ref_hinge") and not uses_reference_target("hinge")

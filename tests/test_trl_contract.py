@@ -321,3 +321,37 @@ def test_shared_prompt_guided_view_equals_full_guided_view(tiny_model_dir, token
     shared = trainer._guided_logps(trainer.model, views["shared_prompt"])
     for a, b in zip(full, shared, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-4)  # fp32 sums over ~60 tokens
+
+
+def test_ref_hinge_targets_the_reference_guided_margin_without_a_guided_forward(
+    tiny_model_dir, tokenizer, small_data, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from preference_dpo.trainer import capture_fused_outputs
+
+    trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, align_loss="ref_hinge")
+    perturb_adapter(trainer)
+    batch, full = first_batch(trainer)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # the policy with its adapter off
+    with torch.no_grad():
+        ref_chosen, ref_rejected = manual_logps(
+            reference, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
+        )
+    torch.testing.assert_close(batch["guided_ref_chosen_logps"], ref_chosen, rtol=1e-5, atol=2e-4)
+    torch.testing.assert_close(batch["guided_ref_rejected_logps"], ref_rejected, rtol=1e-5, atol=2e-4)
+    assert "ref_guided_chosen_logps" in trainer.eval_dataset.column_names
+
+    model = trainer.model
+    model.train()
+    with capture_fused_outputs(model) as forwards:
+        loss = trainer.compute_loss(model, batch)
+    assert len(forwards) == 1  # the base view only: no guided forward in a training step
+    with torch.no_grad():
+        chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
+    dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
+    hinge = torch.relu((ref_chosen - ref_rejected) - (chosen - rejected)).mean()
+    assert loss.item() == pytest.approx((dpo + 0.5 * hinge).item(), rel=1e-4)
+    assert "pref_advantage_ratio" not in trainer._metrics["train"]
+    assert trainer._metrics["train"]["aligned_loss"][-1] == pytest.approx(hinge.item(), rel=1e-4)
