@@ -8,10 +8,15 @@ set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # ============================== configuration ==============================
-# GPUs: "localhost:0,1" (GPUs 0 and 1 of this machine), "localhost:0,1,2,3" (all four).
-GPU_NODES="${GPU_NODES:-localhost:0}"
+# GPUs: "localhost:0,1" (GPUs 0 and 1 of this machine), "localhost:0,1,2,3" (all four),
+#       "node1:0,1,node2:0,1" (two nodes: needs passwordless ssh + pdsh, or NODE_RANK on each node).
+GPU_NODES="${GPU_NODES-localhost:0}"
 DEVICE="${DEVICE:-auto}"                  # auto (GPU if one is visible), gpu, or cpu
+ZERO_STAGE="${ZERO_STAGE:-2}"             # DeepSpeed ZeRO stage: 2 (ds_config.json) or 3 (ds_config_zero3.json)
+CPU_RANKS="${CPU_RANKS:-1}"               # CPU only: > 1 runs that many DeepSpeed ranks (gloo) on this machine
+MASTER_ADDR="${MASTER_ADDR:-}"            # multi-node: default the first node of GPU_NODES
 MASTER_PORT="${MASTER_PORT:-29500}"
+NODE_RANK="${NODE_RANK:-}"                # multi-node without ssh: this node's index in GPU_NODES, run on each node
 
 # Model and data. The defaults are the embedded tiny model and data set.
 POLICY_MODEL_PATH="${POLICY_MODEL_PATH:-$SCRIPT_DIR/tiny_model}"   # e.g. Qwen/Qwen2.5-1.5B-Instruct
@@ -70,23 +75,41 @@ PYTHON="${PYTHON:-python3}"
 
 die() { echo "fast_train.sh: error: $*" >&2; exit 2; }
 
-# GPU_NODES: "host:id,id,..."; several hosts ("node1:0,1,node2:0,1") need multi-node support, not here yet.
-check_gpu_nodes() {
-  local spec="$1" host ids
-  [[ "$spec" =~ ^([A-Za-z0-9._-]+):([0-9]+(,[0-9]+)*)$ ]] || {
-    if [[ "$spec" =~ :.*[A-Za-z].*: ]]; then
-      die "GPU_NODES='$spec' names several hosts; multi-node training is not supported yet. Use one host, e.g. localhost:0,1."
+# GPU_NODES -> HOSTS (in order) and NODE_IDS[host] ("0,1"); every malformed form is an error.
+declare -a HOSTS=()
+declare -A NODE_IDS=()
+parse_gpu_nodes() {
+  local spec="$1" token host="" id
+  local -a tokens
+  [[ -n "$spec" ]] || die "GPU_NODES is empty; expected host:ids such as localhost:0,1."
+  [[ "$spec" != *" "* ]] || die "GPU_NODES='$spec' contains a space; write it like localhost:0,1."
+  [[ "$spec" != *, && "$spec" != ,* && "$spec" != *,,* ]] ||
+    die "GPU_NODES='$spec' has an empty entry (a leading, trailing or double comma)."
+  IFS=',' read -r -a tokens <<<"$spec"
+  for token in "${tokens[@]}"; do
+    if [[ "$token" == *:* ]]; then
+      host="${token%%:*}"
+      id="${token#*:}"
+      [[ "$host" =~ ^[A-Za-z0-9._-]+$ ]] || die "GPU_NODES='$spec': '$host' is not a host name."
+      [[ -z "${NODE_IDS[$host]+set}" ]] || die "GPU_NODES='$spec' names host '$host' twice."
+      HOSTS+=("$host")
+      NODE_IDS[$host]=""
+    else
+      if [[ -z "$host" && "$token" =~ ^[0-9]+$ ]]; then
+        die "GPU_NODES='$spec' must start with a host, e.g. localhost:$token."
+      elif [[ -z "$host" ]]; then
+        die "GPU_NODES='$spec': host '$token' has no GPU ids; write $token:0,1."
+      fi
+      id="$token"
     fi
-    die "GPU_NODES='$spec' is malformed; expected host:ids such as localhost:0,1 (no spaces, no trailing comma)."
-  }
-  host="${BASH_REMATCH[1]}"
-  ids="${BASH_REMATCH[2]}"
-  [[ "$host" == "localhost" || "$host" == "127.0.0.1" || "$host" == "$(hostname)" ]] ||
-    die "GPU_NODES='$spec' names host '$host'; only this machine (localhost) is supported yet."
-  if [[ -n "$(tr ',' '\n' <<<"$ids" | sort | uniq -d)" ]]; then
-    die "GPU_NODES='$spec' repeats a GPU id."
-  fi
+    [[ -n "$id" ]] || die "GPU_NODES='$spec': host '$host' has no GPU ids; write $host:0,1."
+    [[ "$id" =~ ^[0-9]+$ ]] || die "GPU_NODES='$spec': GPU id '$id' of host '$host' is not a number."
+    [[ ",${NODE_IDS[$host]}," != *",$id,"* ]] || die "GPU_NODES='$spec' repeats GPU id $id on host '$host'."
+    NODE_IDS[$host]="${NODE_IDS[$host]:+${NODE_IDS[$host]},}$id"
+  done
 }
+
+is_this_machine() { [[ "$1" == localhost || "$1" == 127.0.0.1 || "$1" == "$(hostname)" ]]; }
 
 case "$DEVICE" in
   auto) if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
@@ -135,12 +158,46 @@ train_args=(
 train_args+=("$@")
 
 entry="$SCRIPT_DIR/train_with_preference_prompt.py"
+case "$ZERO_STAGE" in
+  2) ds_config="$SCRIPT_DIR/ds_config.json" ;;
+  3) ds_config="$SCRIPT_DIR/ds_config_zero3.json" ;;
+  *) die "ZERO_STAGE='$ZERO_STAGE' must be 2 or 3." ;;
+esac
+[[ "$CPU_RANKS" =~ ^[1-9][0-9]*$ ]] || die "CPU_RANKS='$CPU_RANKS' must be a whole number >= 1."
+# DeepSpeed compiles its CPU communication op once; keep the build beside the project for reuse.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$SCRIPT_DIR/.cache/torch_extensions}"
+
 if [[ "$DEVICE" == gpu ]]; then
-  check_gpu_nodes "$GPU_NODES"
+  parse_gpu_nodes "$GPU_NODES"
+  launcher=(deepspeed --master_port="$MASTER_PORT")
+  if [[ ${#HOSTS[@]} -eq 1 ]] && is_this_machine "${HOSTS[0]}"; then
+    launcher+=(--include="${HOSTS[0]}:${NODE_IDS[${HOSTS[0]}]}")
+  else
+    # Several nodes: a hostfile written for this run, one line per node with its GPU count.
+    hostfile="$LOG_DIR/runs/hostfile"
+    mkdir -p "$LOG_DIR/runs"
+    include=""
+    : >"$hostfile"
+    for host in "${HOSTS[@]}"; do
+      ids="${NODE_IDS[$host]}"
+      echo "$host slots=$(tr ',' '\n' <<<"$ids" | wc -l)" >>"$hostfile"
+      include="${include:+$include@}$host:$ids"
+    done
+    launcher+=(--hostfile="$hostfile" --include="$include" --master_addr="${MASTER_ADDR:-${HOSTS[0]}}")
+    if [[ -n "$NODE_RANK" ]]; then
+      [[ "$NODE_RANK" =~ ^[0-9]+$ && "$NODE_RANK" -lt ${#HOSTS[@]} ]] ||
+        die "NODE_RANK='$NODE_RANK' must be a node index from 0 to $((${#HOSTS[@]} - 1))."
+      launcher+=(--no_ssh --node_rank="$NODE_RANK")
+    fi
+  fi
   # expandable_segments cuts fragmentation with the varying sequence lengths of preference batches.
-  cmd=(env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-       deepspeed --include="$GPU_NODES" --master_port="$MASTER_PORT"
-       "$entry" --deepspeed "$SCRIPT_DIR/ds_config.json" "${train_args[@]}")
+  cmd=(env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "${launcher[@]}"
+       "$entry" --deepspeed "$ds_config" "${train_args[@]}")
+elif [[ "$CPU_RANKS" -gt 1 ]]; then
+  # One OpenMP pool per rank, sized so the ranks share the cores instead of oversubscribing them.
+  threads=$(( $(nproc) / CPU_RANKS )); (( threads >= 1 )) || threads=1
+  cmd=(env OMP_NUM_THREADS="$threads" deepspeed --num_gpus="$CPU_RANKS" --master_port="$MASTER_PORT"
+       "$entry" --deepspeed "$ds_config" "${train_args[@]}")
 else
   cmd=("$PYTHON" "$entry" "${train_args[@]}")
 fi
@@ -151,7 +208,9 @@ if [[ "$DRY_RUN" == 1 ]]; then
   exit 0
 fi
 
-[[ "$DEVICE" == cpu ]] && echo "fast_train.sh: no GPU in use: training on CPU in one process (GPU_NODES is ignored)." >&2
+if [[ "$DEVICE" == cpu ]]; then
+  echo "fast_train.sh: no GPU in use: training on CPU in $CPU_RANKS process(es) (GPU_NODES is ignored)." >&2
+fi
 
 embedded_model="$SCRIPT_DIR/tiny_model"
 if [[ "$POLICY_MODEL_PATH" == "$embedded_model" && ! -f "$embedded_model/config.json" ]]; then

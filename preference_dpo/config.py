@@ -284,6 +284,11 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
             f"{describe('max_prompt_length')} must be >= 1 and < {describe('max_length')}; got "
             f"{train.max_prompt_length} and {train.max_length}."
         )
+    if train.merge_adapter and _zero_stage(train.deepspeed) == 3:
+        problems.append(
+            f"{describe('merge_adapter')} is not supported with ZeRO-3 (ZERO_STAGE=3): the weights are sharded. "
+            "Merge afterwards with PeftModel.merge_and_unload()."
+        )
     if train.ld_alpha is not None:
         problems.append("--ld_alpha is not supported: the aligned loss compares plain summed log-probs.")
     if not data.train_dataset_path:
@@ -323,6 +328,16 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
         )
 
 
+def _zero_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a DeepSpeed config given as a dict or a JSON file path (None without one)."""
+    if not deepspeed:
+        return None
+    import json
+
+    config = deepspeed if isinstance(deepspeed, dict) else json.loads(Path(deepspeed).read_text())
+    return config.get("zero_optimization", {}).get("stage")
+
+
 def _looks_local(path: str) -> bool:
     """A Hub id is `org/name`; anything else (./x, /x, x/y/z, a bare folder name) is a local path."""
     if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
@@ -330,9 +345,31 @@ def _looks_local(path: str) -> bool:
     return path.count("/") != 1 or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
+def _configure_cpu_deepspeed(argv: list[str]) -> list[str]:
+    """DeepSpeed ranks on CPU: set up accelerate's distributed state with gloo before the config is built.
+
+    Left to itself, accelerate initialises DeepSpeed's process group on CPU but keeps no backend, counts
+    one process, and transformers then sizes DeepSpeed's batch for one rank (TRL's reference precompute
+    fails DeepSpeed's batch check). A state configured here, with gloo, is the one the trainer uses.
+    """
+    import torch
+
+    if os.environ.get("LOCAL_RANK") is None or torch.cuda.is_available() or "--deepspeed" not in argv:
+        return argv
+    from accelerate.state import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    return [*argv, "--accelerator_config", '{"use_configured_state": true}']
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, PreferenceDPOConfig]:
     """Parse the command line once into the three typed configs and validate them."""
+    import sys
+
     from trl import TrlParser
+
+    argv = _configure_cpu_deepspeed(list(sys.argv[1:] if argv is None else argv))
 
     class Parser(TrlParser):
         def error(self, message: str):

@@ -159,27 +159,16 @@ def test_launcher_overrides_from_environment_and_gpu_command():
     assert argv[argv.index("--preference_text") + 1] == "请提供一个有用、诚实、无害且简洁的回答。"
 
 
-@pytest.mark.parametrize(
-    ("nodes", "message"),
-    [
-        ("localhost:1,", "malformed"),
-        ("localhost", "malformed"),
-        ("localhost:a", "malformed"),
-        ("localhost:1,1", "repeats a GPU id"),
-        ("node1:0,1,node2:0,1", "multi-node training is not supported yet"),
-        ("node7:0", "only this machine"),
-    ],
-)
-def test_launcher_rejects_unsupported_gpu_nodes(nodes, message):
-    out = subprocess.run(
-        ["bash", str(LAUNCHER)],
-        env={**os.environ, "DRY_RUN": "1", "DEVICE": "gpu", "GPU_NODES": nodes},
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 2
-    assert f"GPU_NODES='{nodes}'" in out.stderr and message in out.stderr
-
-
 def test_launcher_is_bash_n_clean():
     subprocess.run(["bash", "-n", str(LAUNCHER)], check=True)
+
+
+def test_merge_adapter_is_refused_under_zero3(model_dir):
+    from preference_dpo.config import validate
+
+    data, model, train = parse_args([*model_dir, "--merge_adapter", "true"])
+    train.deepspeed = str(REPO / "ds_config_zero3.json")  # as the launcher passes it with ZERO_STAGE=3
+    with pytest.raises(UserInputError, match=r"MERGE_ADAPTER \(--merge_adapter\) is not supported with ZeRO-3"):
+        validate(data, model, train)
+    train.deepspeed = str(REPO / "ds_config.json")
+    validate(data, model, train)  # ZeRO-2 keeps whole weights on every rank: merging is fine
