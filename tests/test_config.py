@@ -147,12 +147,8 @@ def test_launcher_overrides_from_environment_and_gpu_command():
             "PREFERENCE_TEXT": "请提供一个有用、诚实、无害且简洁的回答。",
         }
     )
-    assert argv[:4] == [
-        "env",
-        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
-        "deepspeed",
-        "--include=localhost:1,2",
-    ]
+    assert argv[:3] == ["env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "deepspeed"]
+    assert "--include=localhost:1,2" in argv
     assert argv[argv.index("--deepspeed") + 1].endswith("ds_config.json")
     assert argv[argv.index("--beta") + 1] == "0.1"
     assert argv[argv.index("--aligned_loss_weight") + 1] == "0.2"
