@@ -105,6 +105,16 @@ def manual_logps(model, input_ids, attention_mask, completion_mask, inputs_embed
     return (token_logps * completion_mask[:, 1:]).sum(1).chunk(2)
 
 
+def base_logps(model, batch):
+    """(chosen, rejected) of the base view, by hand."""
+    return manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+
+
+def guided_logps(model, full):
+    """(chosen, rejected) of the guided view, by hand, from whole guided sequences."""
+    return manual_logps(model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"])
+
+
 def perturb_adapter(trainer, scale=0.05):
     """LoRA's B starts at zero (policy == reference); give it weights so policy and reference differ."""
     gen = torch.Generator().manual_seed(0)
@@ -124,10 +134,8 @@ def test_loss_matches_independent_computation(tiny_model_dir, tokenizer, small_d
     loss = trainer.compute_loss(model, batch)
 
     with torch.no_grad():
-        chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        g_chosen, g_rejected = manual_logps(
-            model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
-        )
+        chosen, rejected = base_logps(model, batch)
+        g_chosen, g_rejected = guided_logps(model, full)
     margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
     dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
     hinge = torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
@@ -200,11 +208,9 @@ def test_guided_view_has_no_gradient_and_base_view_does(tiny_model_dir, tokenize
 
     total = trainer.compute_loss(model, batch)
     grad_total = torch.autograd.grad(total, params)
-    chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    chosen, rejected = base_logps(model, batch)
     with torch.no_grad():
-        g_chosen, g_rejected = manual_logps(
-            model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
-        )
+        g_chosen, g_rejected = guided_logps(model, full)
     margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
     expected = (
         -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
@@ -249,9 +255,7 @@ def test_embedding_mode_inserts_soft_tokens_after_the_prompt(tiny_model_dir, tok
     torch.testing.assert_close(got_chosen, want_chosen, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_rejected, want_rejected, rtol=1e-4, atol=1e-4)
     # and the soft tokens change the log-probs (they are really inserted)
-    plain_chosen, _ = manual_logps(
-        model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
-    )
+    plain_chosen, _ = guided_logps(model, full)
     assert not torch.allclose(plain_chosen, got_chosen)
 
 
@@ -287,13 +291,9 @@ def test_separate_reference_model_without_precompute(tiny_model_dir, tokenizer, 
     model.train()
     loss = trainer.compute_loss(model, batch)
     with torch.no_grad():
-        chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        ref_chosen, ref_rejected = manual_logps(
-            reference, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-        )
-        g_chosen, g_rejected = manual_logps(
-            model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
-        )
+        chosen, rejected = base_logps(model, batch)
+        ref_chosen, ref_rejected = base_logps(reference, batch)
+        g_chosen, g_rejected = guided_logps(model, full)
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)
     dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
     hinge = torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
@@ -335,9 +335,7 @@ def test_ref_hinge_targets_the_reference_guided_margin_without_a_guided_forward(
     batch, full = first_batch(trainer)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # the policy with its adapter off
     with torch.no_grad():
-        ref_chosen, ref_rejected = manual_logps(
-            reference, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"]
-        )
+        ref_chosen, ref_rejected = guided_logps(reference, full)
     torch.testing.assert_close(batch["guided_ref_chosen_logps"], ref_chosen, rtol=1e-5, atol=2e-4)
     torch.testing.assert_close(batch["guided_ref_rejected_logps"], ref_rejected, rtol=1e-5, atol=2e-4)
     assert "ref_guided_chosen_logps" in trainer.eval_dataset.column_names
@@ -348,7 +346,7 @@ def test_ref_hinge_targets_the_reference_guided_margin_without_a_guided_forward(
         loss = trainer.compute_loss(model, batch)
     assert len(forwards) == 1  # the base view only: no guided forward in a training step
     with torch.no_grad():
-        chosen, rejected = manual_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        chosen, rejected = base_logps(model, batch)
     margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
     dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
     hinge = torch.relu((ref_chosen - ref_rejected) - (chosen - rejected)).mean()
