@@ -263,3 +263,28 @@ def test_data_file_untouched_by_failed_run(common, capsys, tmp_path):
     before = data.read_bytes()
     code, _ = run_main([*common, "--train_dataset_path", str(data)], capsys)
     assert code == 2 and data.read_bytes() == before
+
+
+def test_ctrl_c_on_the_launcher_saves_a_checkpoint_and_keeps_the_log(tiny_model_dir, small_data, tmp_path):
+    """SIGINT to the launcher's whole process group (as Ctrl-C does): the trainer still saves, and `tee`,
+    which ignores the signal, still writes the log file."""
+    train, test = small_data
+    env = {
+        **os.environ, "DEVICE": "cpu", "POLICY_MODEL_PATH": str(tiny_model_dir), "TRAIN_DATASET_PATH": str(train),
+        "TEST_DATASET_PATH": str(test), "MAX_STEPS": "60", "PER_DEVICE_BATCH_SIZE": "4", "LOGGING_STEPS": "1",
+        "EVAL_STEPS": "1000", "SAVE_STEPS": "1000", "OUTPUT_DIR": str(tmp_path / "out"),
+        "LOG_DIR": str(tmp_path / "logs"),
+    }  # fmt: skip
+    proc = subprocess.Popen(["bash", str(REPO / "fast_train.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    logs, deadline = tmp_path / "logs", time.monotonic() + 120
+    while not (logs.is_dir() and any(p.name.startswith("events") for p in logs.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never logged a step"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, output[-2000:]
+    saved = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1 and (saved[0] / COMPLETE_MARKER).exists()
+    log = next((logs / "runs").iterdir()).read_text()
+    assert "interrupted: Stopped by signal at step" in log
