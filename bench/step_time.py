@@ -11,6 +11,7 @@ model, batches and settings, in one process:
   C  ours, ALPHA>0, embedding mode          (soft tokens after the prompt)
   D  ours, ALPHA=0                          (plain DPO through our trainer)
   E, F  B and C with the naive guided forward (`--guided_forward full`: prompt and response twice)
+  G  B with ALIGN_LOSS=distill (token-level KL at response positions, instead of the hinge)
 Steps run round-robin (A B C D A B C D ...) so machine drift hits all alike. Per configuration: median
 optimizer-step time after warm-up, peak memory of a step (GPU: torch.cuda.max_memory_allocated; CPU: RSS
 sampled every 2 ms, above the level before the step), tokens/s (base-view tokens), model FLOPs
@@ -143,8 +144,9 @@ def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding):
         alpha = 0.0 if kind == "D" else 0.1
         guided_forward = "full" if kind in "EF" else "shared_prompt"
         embedding = kind in "CF"
+        align_loss = "distill" if kind == "G" else "hinge"
         args = PreferenceDPOConfig(max_length=max_length, aligned_loss_weight=alpha, guided_forward=guided_forward,
-                                   **args_kwargs)  # fmt: skip
+                                   align_loss=align_loss, **args_kwargs)  # fmt: skip
         k = soft_embedding.shape[0] if embedding else 0
         collator = PreferenceViewsCollator(pad_token_id=pad, max_length=max_length, num_soft_tokens=k,
                                            guided_forward=guided_forward)  # fmt: skip
@@ -173,7 +175,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEF")
+    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFG")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench/results/<config>.json)")
     args = parser.parse_args(argv)
 
@@ -285,6 +287,7 @@ def main(argv=None) -> None:
         "D": "ours a=0",
         "E": "text, full",
         "F": "embed, full",
+        "G": "text, distill",
     }
     lines = [
         f"config {args.config} {meta['model_shape']}, {shape.pairs} pairs x ({shape.prompt}+{shape.completion}) "

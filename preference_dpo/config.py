@@ -25,7 +25,7 @@ DEFAULT_RUN_NAME = "Preference_Guided_DPO"
 DEFAULT_PREFERENCE_TEXT = "Please provide a helpful, honest, harmless and concise answer."
 TRAINING_MODES = ("text", "embedding")
 PREFERENCE_POSITIONS = ("system", "user")
-ALIGN_LOSSES = ("hinge", "ref_hinge")
+ALIGN_LOSSES = ("hinge", "ref_hinge", "distill")
 GUIDED_FORWARDS = ("shared_prompt", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -289,6 +289,10 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
             f"{describe('merge_adapter')} is not supported with ZeRO-3 (ZERO_STAGE=3): the weights are sharded. "
             "Merge afterwards with PeftModel.merge_and_unload()."
         )
+    if train.align_loss == "distill" and _zero_stage(train.deepspeed) == 3:
+        problems.append(f"{describe('align_loss')}=distill is not supported with ZeRO-3 (ZERO_STAGE=3) yet.")
+    if train.align_loss == "distill" and train.guided_forward != "shared_prompt":
+        problems.append(f"{describe('align_loss')}=distill needs --guided_forward shared_prompt.")
     if train.ld_alpha is not None:
         problems.append("--ld_alpha is not supported: the aligned loss compares plain summed log-probs.")
     if not data.train_dataset_path:

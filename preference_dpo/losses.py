@@ -55,7 +55,8 @@ def aligned_loss(kind: str, target: torch.Tensor, h_base: torch.Tensor) -> torch
 
 
 def uses_reference_target(kind: str) -> bool:
-    return ALIGNED_LOSSES[kind][1]
+    """`ref_hinge`: the target is the reference's precomputed margin ("distill" is no margin form)."""
+    return kind in ALIGNED_LOSSES and ALIGNED_LOSSES[kind][1]
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,36 @@ def preference_stats(
 def pref_advantage_ratio(advantage: torch.Tensor) -> torch.Tensor:
     """exp(mean(h_pref - h_base)): the geometric mean over pairs of the instruction's odds gain."""
     return advantage.mean().exp()
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows (response tokens) of KL(softmax(teacher) || softmax(student)); the teacher is detached.
+
+    Context distillation (ALIGN_LOSS=distill): the instructed policy is the teacher, the un-instructed one
+    the student. Its gradient moves the whole next-token distribution, not only the summed log-prob of
+    the two responses, so it is not parallel to DPO's.
+    """
+    teacher = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
+
+
+def chunked_distill_kl(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, lm_head_weight: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
+    """`distill_kl` of the logits `hidden @ lm_head_weight.T`, `chunk` rows at a time.
+
+    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so memory stays at
+    one chunk of [chunk, vocab] logits however many response tokens and however large the vocabulary.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_sum(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return distill_kl(s @ w.T, t @ w.T) * s.size(0)
+
+    rows = student_hidden.size(0)
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows, chunk):
+        s, t = student_hidden[start : start + chunk], teacher_hidden[start : start + chunk].detach()
+        total = total + checkpoint(chunk_sum, s, t, lm_head_weight, use_reentrant=False)
+    return total / max(rows, 1)

@@ -21,6 +21,10 @@ METRIC_TAGS: dict[str, tuple[str, str]] = {
     "loss": ("loss/train", "loss/eval"),
     "dpo_loss": ("loss_components/dpo_loss", "loss_components_eval/dpo_loss"),
     "aligned_loss": ("loss_components/aligned_loss", "loss_components_eval/aligned_loss"),
+    # the same value under the name of the form that is on (ALIGN_LOSS), so runs of different forms compare
+    "hinge_loss": ("loss_components/hinge_loss", "loss_components_eval/hinge_loss"),
+    "ref_hinge_loss": ("loss_components/ref_hinge_loss", "loss_components_eval/ref_hinge_loss"),
+    "distill_loss": ("loss_components/distill_loss", "loss_components_eval/distill_loss"),
     "rewards/accuracies": ("rewards_train/accuracy", "rewards_eval/accuracy"),
     "rewards/chosen": ("rewards_train/chosen", "rewards_eval/chosen"),
     "rewards/rejected": ("rewards_train/rejected", "rewards_eval/rejected"),

@@ -25,7 +25,13 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from .checkpoints import last_complete_checkpoint, mark_complete
 from .errors import NonFiniteLossError
-from .losses import aligned_loss, pref_advantage_ratio, preference_stats, uses_reference_target
+from .losses import (
+    aligned_loss,
+    chunked_distill_kl,
+    pref_advantage_ratio,
+    preference_stats,
+    uses_reference_target,
+)
 from .views import split_views
 
 logger = logging.getLogger(__name__)
@@ -35,12 +41,12 @@ REFERENCE_GUIDED_COLUMNS = ("ref_guided_chosen_logps", "ref_guided_rejected_logp
 
 
 @contextlib.contextmanager
-def capture_fused_outputs(module: torch.nn.Module) -> Iterator[list[Any]]:
-    """Collect, in call order, the outputs of `module`'s forwards made with `fused_lm_head=True`."""
+def capture_fused_outputs(module: torch.nn.Module, fused_only: bool = True) -> Iterator[list[Any]]:
+    """Collect, in call order, the outputs of `module`'s forwards (only those with `fused_lm_head=True`)."""
     captured: list[Any] = []
 
     def hook(_module, _args, kwargs, output):
-        if kwargs.get("fused_lm_head"):
+        if kwargs.get("fused_lm_head") or not fused_only:
             captured.append(output)
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
@@ -48,6 +54,17 @@ def capture_fused_outputs(module: torch.nn.Module) -> Iterator[list[Any]]:
         yield captured
     finally:
         handle.remove()
+
+
+def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256):
+    """log p(target) for rows of hidden states through the LM head `weight`, `chunk` rows of logits at a time."""
+    parts = [
+        torch.log_softmax((hidden[i : i + chunk] @ weight.T).float(), dim=-1)
+        .gather(-1, targets[i : i + chunk, None])
+        .squeeze(-1)
+        for i in range(0, hidden.size(0), chunk)
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def sequence_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,14 +152,18 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         soft = self.prompt_embedding.to(device=embeds.device, dtype=embeds.dtype)
         return embeds.masked_scatter(mask.unsqueeze(-1), soft.repeat(embeds.size(0), 1))
 
-    def _guided_logps(self, model, guided: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs of the guided view, policy weights, no gradient."""
+    def _guided_logps(self, model, guided: dict[str, torch.Tensor], return_hidden: bool = False):
+        """Summed response log-probs of the guided view, policy weights, no gradient.
+
+        `return_hidden` (shared-prompt layout only) also returns the final hidden states at the response
+        positions, ordered like the base view's (chosen rows, then rejected rows, tokens in order).
+        """
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if "prompt_input_ids" in guided:
-                return self._guided_logps_shared_prompt(model, guided)
+                return self._guided_logps_shared_prompt(model, guided, return_hidden)
             return self._guided_logps_full(model, guided)
 
-    def _guided_logps_shared_prompt(self, model, guided: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _guided_logps_shared_prompt(self, model, guided: dict[str, torch.Tensor], return_hidden: bool = False):
         """Each guided prompt once; both responses on its KV cache, expanded to the pair.
 
         The prompt pass stops one token short, so that the response pass starts with the prompt's last
@@ -178,16 +199,24 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         pair_mask = prompt_mask.repeat_interleave(2, dim=0)
         last = positions[:, -1:].repeat_interleave(2, dim=0)
         labels = torch.cat([torch.full_like(last, -100), completion.masked_fill(completion_mask == 0, -100)], dim=1)
-        outputs = model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=torch.cat([pair_mask, completion_mask], dim=1),
-            position_ids=last + torch.arange(inputs_embeds.size(1), device=last.device),
-            past_key_values=cache,
-            labels=labels,
-            fused_lm_head=True,
-        )
-        logps = outputs.log_probs.sum(dim=1)
-        return logps[0::2], logps[1::2]
+        response_pass = {
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": torch.cat([pair_mask, completion_mask], dim=1),
+            "position_ids": last + torch.arange(inputs_embeds.size(1), device=last.device),
+            "past_key_values": cache,
+        }
+        if not return_hidden:
+            logps = model(**response_pass, labels=labels, fused_lm_head=True).log_probs.sum(dim=1)
+            return logps[0::2], logps[1::2]
+        hidden = causal_lm.base_model(**response_pass).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        scored = targets != -100
+        token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        weight = causal_lm.get_output_embeddings().weight
+        token_logps[scored] = token_logps_from_hidden(hidden[scored], weight, targets[scored])
+        logps = token_logps.sum(dim=1)
+        in_base_order = torch.cat([hidden[0::2], hidden[1::2]])[torch.cat([scored[0::2], scored[1::2]])]
+        return logps[0::2], logps[1::2], in_base_order
 
     def _guided_logps_full(self, model, guided: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole guided sequences, chosen and rejected each with its own copy of the prompt."""
@@ -204,7 +233,12 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         base, guided = split_views(inputs)
-        with capture_fused_outputs(self.accelerator.unwrap_model(model)) as captured:
+        unwrapped = self.accelerator.unwrap_model(model)
+        causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        distill = self.args.align_loss == "distill"
+        # distill also needs the base view's final hidden states (with gradient), from the same forward
+        backbone = capture_fused_outputs(causal_lm.base_model, fused_only=False) if distill else contextlib.nullcontext()
+        with capture_fused_outputs(unwrapped) as captured, backbone as backbone_outputs:
             result = super()._compute_loss(model, base, return_outputs)
         dpo_loss = result[0] if return_outputs else result
         metrics = self._metrics[mode]
@@ -222,7 +256,10 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             base_chosen, base_rejected = sequence_logps(captured[0].log_probs, base["completion_mask"])
             h_base = base_chosen - base_rejected
             if policy_guided:
-                guided_chosen, guided_rejected = self._guided_logps(model, guided)
+                if distill:
+                    guided_chosen, guided_rejected, teacher = self._guided_logps(model, guided, return_hidden=True)
+                else:
+                    guided_chosen, guided_rejected = self._guided_logps(model, guided)
                 stats = preference_stats(base_chosen, base_rejected, guided_chosen, guided_rejected)
                 metrics["pref_advantage_ratio"].append(pref_advantage_ratio(gather(stats.advantage)).item())
                 metrics["pref_delta_w"].append(gather(stats.delta_w).mean().item())
@@ -231,10 +268,16 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
                 target = guided["ref_chosen_logps"] - guided["ref_rejected_logps"]
             else:
                 target = guided_chosen - guided_rejected
-            aligned = aligned_loss(self.args.align_loss, target, h_base)
+            if distill:
+                response = base["completion_mask"][:, 1:].bool()
+                student = backbone_outputs[0].last_hidden_state[:, :-1][response]
+                aligned = chunked_distill_kl(student, teacher, causal_lm.get_output_embeddings().weight)
+            else:
+                aligned = aligned_loss(self.args.align_loss, target, h_base)
             if weight > 0:
                 loss = dpo_loss + weight * aligned
             metrics["aligned_loss"].append(gather(aligned.detach()).mean().item())
+            metrics[f"{self.args.align_loss}_loss"].append(metrics["aligned_loss"][-1])
             active = (target.detach() > h_base.detach()).float()  # where the hinge pushes
             metrics["aligned_active_frac"].append(gather(active).mean().item())
         if mode == "train":

@@ -88,3 +88,37 @@ def test_ref_hinge_uses_a_fixed_target_and_saturates():
     loss.backward()
     assert torch.equal(h_base.grad, torch.tensor([-0.5, 0.0]))
     assert uses_reference_target("ref_hinge") and not uses_reference_target("hinge")
+
+
+def test_distill_kl_hand_computed_and_gradient_only_through_the_student():
+    """q = softmax([0, ln 3]) = [1/4, 3/4]; p = softmax([0, 0]) = [1/2, 1/2].
+
+    KL(q || p) = 1/4 ln(1/2) + 3/4 ln(3/2) = -0.173287 + 0.304099 = 0.130812; d/d student logits = p - q.
+    """
+    from preference_dpo.losses import distill_kl
+
+    teacher = torch.tensor([[0.0, math.log(3)]], requires_grad=True)
+    student = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    loss = distill_kl(student, teacher)
+    assert loss.item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-6)
+    assert loss.item() == pytest.approx(0.130812, abs=1e-6)
+    loss.backward()
+    assert torch.allclose(student.grad, torch.tensor([[0.25, -0.25]]))
+    assert teacher.grad is None
+    assert distill_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_chunked_distill_equals_unchunked_in_value_and_gradient():
+    from preference_dpo.losses import chunked_distill_kl, distill_kl
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(7, 5, generator=gen, requires_grad=True)
+    teacher = torch.randn(7, 5, generator=gen)
+    weight = torch.randn(11, 5, generator=gen, requires_grad=True)
+    full = distill_kl(student @ weight.T, teacher @ weight.T)
+    chunked = chunked_distill_kl(student, teacher, weight, chunk=3)  # 3 + 3 + 1 rows
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    grads_full = torch.autograd.grad(full, (student, weight))
+    grads_chunked = torch.autograd.grad(chunked, (student, weight))
+    for a, b in zip(grads_full, grads_chunked, strict=True):
+        torch.testing.assert_close(a, b)

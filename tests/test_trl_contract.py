@@ -353,3 +353,36 @@ def test_ref_hinge_targets_the_reference_guided_margin_without_a_guided_forward(
     assert loss.item() == pytest.approx((dpo + 0.5 * hinge).item(), rel=1e-4)
     assert "pref_advantage_ratio" not in trainer._metrics["train"]
     assert trainer._metrics["train"]["aligned_loss"][-1] == pytest.approx(hinge.item(), rel=1e-4)
+
+
+def test_distill_matches_an_independent_token_level_kl(tiny_model_dir, tokenizer, small_data, tmp_path):
+    """loss = dpo + alpha * mean over response tokens of KL(pi(.|p,x,y<t) || pi(.|x,y<t)), teacher detached:
+    value and gradient against full logits from plain forwards."""
+    from preference_dpo.losses import distill_kl
+
+    trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, align_loss="distill")
+    perturb_adapter(trainer)
+    batch, full = first_batch(trainer)
+    model = trainer.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = trainer.compute_loss(model, batch)
+    grad_loss = torch.autograd.grad(loss, params)
+
+    student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        teacher_logits = model(input_ids=full["guided_input_ids"], attention_mask=full["guided_attention_mask"]).logits[
+            :, :-1
+        ]
+    kl = distill_kl(
+        student_logits[batch["completion_mask"][:, 1:].bool()],
+        teacher_logits[full["guided_completion_mask"][:, 1:].bool()],
+    )
+    chosen, rejected = base_logps(model, batch)
+    margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
+    expected = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean() + 0.5 * kl
+    assert kl.item() > 1e-4  # the instruction changes the distribution: a real signal
+    assert trainer._metrics["train"]["aligned_loss"][-1] == pytest.approx(kl.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    for a, b in zip(grad_loss, torch.autograd.grad(expected, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
