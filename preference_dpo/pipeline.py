@@ -124,11 +124,14 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     train_dataset = file_backed(train_dataset, tokenized / "train", train_args)
     if eval_dataset is not None:
         eval_dataset = file_backed(eval_dataset, tokenized / "test", train_args)
-    if train_args.overwrite:
-        clear_previous_run(train_args.output_dir)
-        resume_from = None
-    else:
-        resume_from = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    # Main process first: it removes what must go (an old run, half-written checkpoints); the other ranks
+    # then find the same folder state instead of racing it.
+    with train_args.main_process_first(desc="checking the output folder"):
+        if train_args.overwrite:
+            clear_previous_run(train_args.output_dir)
+            resume_from = None
+        else:
+            resume_from = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
 
     # --- weights ---
     dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32

@@ -237,7 +237,9 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         distill = self.args.align_loss == "distill"
         # distill also needs the base view's final hidden states (with gradient), from the same forward
-        backbone = capture_fused_outputs(causal_lm.base_model, fused_only=False) if distill else contextlib.nullcontext()
+        backbone = (
+            capture_fused_outputs(causal_lm.base_model, fused_only=False) if distill else contextlib.nullcontext()
+        )
         with capture_fused_outputs(unwrapped) as captured, backbone as backbone_outputs:
             result = super()._compute_loss(model, base, return_outputs)
         dpo_loss = result[0] if return_outputs else result
