@@ -65,7 +65,6 @@ class PreferenceStats:
 
     delta_w: torch.Tensor  # logp(y_w|p,x) - logp(y_w|x)
     delta_l: torch.Tensor  # logp(y_l|p,x) - logp(y_l|x)
-    active: torch.Tensor  # 1.0 where h_pref > h_base (the hinge is pushing)
 
     @property
     def advantage(self) -> torch.Tensor:
@@ -79,7 +78,16 @@ def preference_stats(
     base_chosen, base_rejected = base_chosen.detach(), base_rejected.detach()
     delta_w = guided_chosen.detach() - base_chosen
     delta_l = guided_rejected.detach() - base_rejected
-    return PreferenceStats(delta_w=delta_w, delta_l=delta_l, active=(delta_w - delta_l > 0).float())
+    return PreferenceStats(delta_w=delta_w, delta_l=delta_l)
+
+
+def aligned_active(target: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
+    """1.0 for pairs whose margin is below the target (`target > h_base`): where a hinge form pushes.
+
+    `target` is h_pref for `hinge` and `distill` (METHOD.md's `aligned_active_frac`), h_ref_pref for
+    `ref_hinge`. Strict: a pair exactly at its target is not active.
+    """
+    return (target.detach() > h_base.detach()).float()
 
 
 def pref_advantage_ratio(advantage: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from .checkpoints import last_complete_checkpoint, mark_complete
 from .errors import NonFiniteLossError
 from .losses import (
+    aligned_active,
     aligned_loss,
     chunked_distill_kl,
     pref_advantage_ratio,
@@ -41,8 +42,9 @@ REFERENCE_GUIDED_COLUMNS = ("ref_guided_chosen_logps", "ref_guided_rejected_logp
 
 
 @contextlib.contextmanager
-def capture_fused_outputs(module: torch.nn.Module, fused_only: bool = True) -> Iterator[list[Any]]:
-    """Collect, in call order, the outputs of `module`'s forwards (only those with `fused_lm_head=True`)."""
+def capture_outputs(module: torch.nn.Module, fused_only: bool = True) -> Iterator[list[Any]]:
+    """Collect, in call order, the outputs of `module`'s forwards (by default only those made with
+    `fused_lm_head=True`, i.e. scored by TRL's fused LM head)."""
     captured: list[Any] = []
 
     def hook(_module, _args, kwargs, output):
@@ -100,8 +102,8 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         )  # fmt: skip
         model = self.ref_model or getattr(self, "_precompute_engine", None) or self.model
         adapter_off = contextlib.nullcontext()
-        if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
-            unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped, _ = self._unwrapped(self.model)
+        if self.ref_model is None and hasattr(unwrapped, "peft_config"):
             adapter_off = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         chosen, rejected = [], []
         was_training = self.model.training
@@ -124,6 +126,11 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         if self.args.should_save:
             mark_complete(f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}")
         self.accelerator.wait_for_everyone()
+
+    def _unwrapped(self, model) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(the model without DeepSpeed/DDP wrapping, its causal LM without the PEFT wrapper)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped, unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
 
     # --- data: both views are tokenized before the model is loaded, so TRL's own pass is skipped ---
 
@@ -171,8 +178,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         """
         from transformers import DynamicCache
 
-        unwrapped = self.accelerator.unwrap_model(model)
-        causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        unwrapped, causal_lm = self._unwrapped(model)
         prompt_mask = guided["prompt_attention_mask"]
         prompt_embeds = unwrapped.get_input_embeddings()(guided["prompt_input_ids"])
         if "prompt_soft_token_mask" in guided:
@@ -223,7 +229,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         labels = guided["input_ids"].masked_fill(guided["completion_mask"] == 0, -100)
         kwargs: dict[str, Any] = {"attention_mask": guided["attention_mask"], "use_cache": False}
         if "soft_token_mask" in guided:
-            embeds = self.accelerator.unwrap_model(model).get_input_embeddings()(guided["input_ids"])
+            embeds = self._unwrapped(model)[0].get_input_embeddings()(guided["input_ids"])
             kwargs["inputs_embeds"] = self._insert_soft_tokens(embeds, guided["soft_token_mask"])
         else:
             kwargs["input_ids"] = guided["input_ids"]
@@ -233,14 +239,11 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         base, guided = split_views(inputs)
-        unwrapped = self.accelerator.unwrap_model(model)
-        causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        unwrapped, causal_lm = self._unwrapped(model)
         distill = self.args.align_loss == "distill"
         # distill also needs the base view's final hidden states (with gradient), from the same forward
-        backbone = (
-            capture_fused_outputs(causal_lm.base_model, fused_only=False) if distill else contextlib.nullcontext()
-        )
-        with capture_fused_outputs(unwrapped) as captured, backbone as backbone_outputs:
+        backbone = capture_outputs(causal_lm.base_model, fused_only=False) if distill else contextlib.nullcontext()
+        with capture_outputs(unwrapped) as captured, backbone as backbone_outputs:
             result = super()._compute_loss(model, base, return_outputs)
         dpo_loss = result[0] if return_outputs else result
         metrics = self._metrics[mode]
@@ -280,8 +283,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
                 loss = dpo_loss + weight * aligned
             metrics["aligned_loss"].append(gather(aligned.detach()).mean().item())
             metrics[f"{self.args.align_loss}_loss"].append(metrics["aligned_loss"][-1])
-            active = (target.detach() > h_base.detach()).float()  # where the hinge pushes
-            metrics["aligned_active_frac"].append(gather(active).mean().item())
+            metrics["aligned_active_frac"].append(gather(aligned_active(target, h_base)).mean().item())
         if mode == "train":
             loss = self._check_finite(loss, dpo_loss, aligned)
         return (loss, result[1]) if return_outputs else loss

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from preference_dpo.losses import (
+    aligned_active,
     aligned_loss,
     dpo_sigmoid_loss,
     hinge_aligned_loss,
@@ -64,13 +65,14 @@ def test_preference_stats_and_ratio():
     assert torch.allclose(stats.delta_w, torch.tensor([math.log(2), math.log(8) + 1.0]))
     assert torch.allclose(stats.delta_l, torch.tensor([0.0, 1.0]))
     assert torch.allclose(stats.advantage, torch.tensor([math.log(2), math.log(8)]))
-    assert torch.equal(stats.active, torch.tensor([1.0, 1.0]))
+    h_base, h_pref = base_chosen - base_rejected, guided_chosen - guided_rejected
+    assert torch.equal(aligned_active(h_pref, h_base), torch.tensor([1.0, 1.0]))
     assert pref_advantage_ratio(stats.advantage).item() == pytest.approx(4.0)
 
 
 def test_active_fraction_counts_pairs_the_hinge_pushes():
-    stats = preference_stats(torch.zeros(4), torch.zeros(4), torch.tensor([1.0, -1.0, 0.0, 2.0]), torch.zeros(4))
-    assert stats.active.mean().item() == pytest.approx(0.5)  # strict: a zero advantage is not active
+    active = aligned_active(torch.tensor([1.0, -1.0, 0.0, 2.0]), torch.zeros(4))  # h_pref, h_base
+    assert active.mean().item() == pytest.approx(0.5)  # strict: a zero advantage is not active
 
 
 def test_ref_hinge_uses_a_fixed_target_and_saturates():

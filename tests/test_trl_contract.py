@@ -328,7 +328,7 @@ def test_ref_hinge_targets_the_reference_guided_margin_without_a_guided_forward(
 ):
     from transformers import AutoModelForCausalLM
 
-    from preference_dpo.trainer import capture_fused_outputs
+    from preference_dpo.trainer import capture_outputs
 
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, align_loss="ref_hinge")
     perturb_adapter(trainer)
@@ -342,7 +342,7 @@ def test_ref_hinge_targets_the_reference_guided_margin_without_a_guided_forward(
 
     model = trainer.model
     model.train()
-    with capture_fused_outputs(model) as forwards:
+    with capture_outputs(model) as forwards:
         loss = trainer.compute_loss(model, batch)
     assert len(forwards) == 1  # the base view only: no guided forward in a training step
     with torch.no_grad():
