@@ -25,7 +25,8 @@ EXPECTED_OUTPUTS = {
 }
 
 
-def run_launcher(tmp_path, model_dir, data, **env):
+def run_launcher(tmp_path, model_dir, data, expect_returncode=0, **env):
+    """The real launcher on the tiny model, 4 steps; asserts its exit status."""
     train, test = data
     out, logs = tmp_path / "out", tmp_path / "logs"
     variables = {
@@ -50,7 +51,7 @@ def run_launcher(tmp_path, model_dir, data, **env):
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == expect_returncode, result.stdout[-3000:] + result.stderr[-3000:]
     return out, logs, result
 
 
@@ -154,21 +155,7 @@ def test_embedding_mode_end_to_end(tmp_path, tiny_model_dir, small_data):
 def test_bad_input_is_one_line_exit_2_before_loading_weights(tmp_path, tiny_model_dir, small_data):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "P", "chosen": "a", "rejected": "b"}\n{"prompt": "P", "chosen": "a"}\n')
-    variables = {
-        "DEVICE": "cpu",
-        "POLICY_MODEL_PATH": str(tiny_model_dir),
-        "TRAIN_DATASET_PATH": str(bad),
-        "OUTPUT_DIR": str(tmp_path / "out"),
-        "LOG_DIR": str(tmp_path / "logs"),
-    }
-    result = subprocess.run(
-        ["bash", str(REPO / "fast_train.sh")],
-        env={**os.environ, **variables},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2
+    _, _, result = run_launcher(tmp_path, tiny_model_dir, (bad, small_data[1]), expect_returncode=2)
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {bad} line 2: missing field 'rejected'; every pair needs 'chosen' and 'rejected'."]
     assert "Traceback" not in result.stdout + result.stderr

@@ -11,6 +11,7 @@ import torch
 from trl import DPOTrainer
 
 from preference_dpo.config import ModelArguments, PreferenceDPOConfig
+from preference_dpo.losses import dpo_sigmoid_loss
 from preference_dpo.trainer import PreferenceGuidedDPOTrainer
 from preference_dpo.views import PreferenceViewsCollator, tokenize_preference_dataset
 
@@ -115,6 +116,17 @@ def guided_logps(model, full):
     return manual_logps(model, full["guided_input_ids"], full["guided_attention_mask"], full["guided_completion_mask"])
 
 
+def dpo(trainer, chosen, rejected, ref_chosen, ref_rejected):
+    """TRL's default DPO loss by the paper's formula (`losses.dpo_sigmoid_loss`, hand-checked in test_losses)."""
+    return dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, trainer.args.beta)
+
+
+def assert_same_gradients(loss, expected, model, rtol, atol):
+    params = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
 def perturb_adapter(trainer, scale=0.05):
     """LoRA's B starts at zero (policy == reference); give it weights so policy and reference differ."""
     gen = torch.Generator().manual_seed(0)
@@ -136,11 +148,10 @@ def test_loss_matches_independent_computation(tiny_model_dir, tokenizer, small_d
     with torch.no_grad():
         chosen, rejected = base_logps(model, batch)
         g_chosen, g_rejected = guided_logps(model, full)
-    margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
-    dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
+    dpo_loss = dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"])
     hinge = torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
-    assert trainer._metrics["train"]["dpo_loss"][-1] == pytest.approx(dpo.item(), rel=1e-4)
-    assert loss.item() == pytest.approx((dpo + alpha * hinge).item(), rel=1e-4)
+    assert trainer._metrics["train"]["dpo_loss"][-1] == pytest.approx(dpo_loss.item(), rel=1e-4)
+    assert loss.item() == pytest.approx((dpo_loss + alpha * hinge).item(), rel=1e-4)
     # TRL's own logged log-probs are the ones the hook captured
     assert trainer._metrics["train"]["logps/chosen"][-1] == pytest.approx(chosen.mean().item(), rel=1e-4)
     if alpha == 0:
@@ -204,21 +215,15 @@ def test_guided_view_has_no_gradient_and_base_view_does(tiny_model_dir, tokenize
     batch, full = first_batch(trainer)
     model = trainer.model
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-
     total = trainer.compute_loss(model, batch)
-    grad_total = torch.autograd.grad(total, params)
     chosen, rejected = base_logps(model, batch)
     with torch.no_grad():
         g_chosen, g_rejected = guided_logps(model, full)
-    margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
     expected = (
-        -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
+        dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"])
         + torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
     )
-    grad_expected = torch.autograd.grad(expected, params)
-    for a, b in zip(grad_total, grad_expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_gradients(total, expected, model, rtol=1e-4, atol=1e-6)
 
 
 def test_embedding_mode_inserts_soft_tokens_after_the_prompt(tiny_model_dir, tokenizer, small_data, tmp_path):
@@ -294,11 +299,10 @@ def test_separate_reference_model_without_precompute(tiny_model_dir, tokenizer, 
         chosen, rejected = base_logps(model, batch)
         ref_chosen, ref_rejected = base_logps(reference, batch)
         g_chosen, g_rejected = guided_logps(model, full)
-    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
-    dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
+    dpo_loss = dpo(trainer, chosen, rejected, ref_chosen, ref_rejected)
     hinge = torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
-    assert abs(dpo.item() - math.log(2)) > 1e-3  # the reference really differs from the policy
-    assert loss.item() == pytest.approx((dpo + 0.5 * hinge).item(), rel=1e-4)
+    assert abs(dpo_loss.item() - math.log(2)) > 1e-3  # the reference really differs from the policy
+    assert loss.item() == pytest.approx((dpo_loss + 0.5 * hinge).item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("k", [0, 3], ids=["text", "embedding"])
@@ -347,10 +351,9 @@ def test_ref_hinge_targets_the_reference_guided_margin_without_a_guided_forward(
     assert len(forwards) == 1  # the base view only: no guided forward in a training step
     with torch.no_grad():
         chosen, rejected = base_logps(model, batch)
-    margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
-    dpo = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean()
+    dpo_loss = dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"])
     hinge = torch.relu((ref_chosen - ref_rejected) - (chosen - rejected)).mean()
-    assert loss.item() == pytest.approx((dpo + 0.5 * hinge).item(), rel=1e-4)
+    assert loss.item() == pytest.approx((dpo_loss + 0.5 * hinge).item(), rel=1e-4)
     assert "pref_advantage_ratio" not in trainer._metrics["train"]
     assert trainer._metrics["train"]["aligned_loss"][-1] == pytest.approx(hinge.item(), rel=1e-4)
 
@@ -365,9 +368,7 @@ def test_distill_matches_an_independent_token_level_kl(tiny_model_dir, tokenizer
     batch, full = first_batch(trainer)
     model = trainer.model
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     loss = trainer.compute_loss(model, batch)
-    grad_loss = torch.autograd.grad(loss, params)
 
     student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     with torch.no_grad():
@@ -379,10 +380,8 @@ def test_distill_matches_an_independent_token_level_kl(tiny_model_dir, tokenizer
         teacher_logits[full["guided_completion_mask"][:, 1:].bool()],
     )
     chosen, rejected = base_logps(model, batch)
-    margin = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
-    expected = -torch.nn.functional.logsigmoid(trainer.args.beta * margin).mean() + 0.5 * kl
+    expected = dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"]) + 0.5 * kl
     assert kl.item() > 1e-4  # the instruction changes the distribution: a real signal
     assert trainer._metrics["train"]["aligned_loss"][-1] == pytest.approx(kl.item(), rel=1e-4)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
-    for a, b in zip(grad_loss, torch.autograd.grad(expected, params), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert_same_gradients(loss, expected, model, rtol=1e-3, atol=1e-6)
