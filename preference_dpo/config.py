@@ -284,12 +284,13 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
             f"{describe('max_prompt_length')} must be >= 1 and < {describe('max_length')}; got "
             f"{train.max_prompt_length} and {train.max_length}."
         )
-    if train.merge_adapter and _zero_stage(train.deepspeed) == 3:
+    zero_stage = _zero_stage(train.deepspeed)
+    if train.merge_adapter and zero_stage == 3:
         problems.append(
             f"{describe('merge_adapter')} is not supported with ZeRO-3 (ZERO_STAGE=3): the weights are sharded. "
             "Merge afterwards with PeftModel.merge_and_unload()."
         )
-    if train.align_loss == "distill" and _zero_stage(train.deepspeed) == 3:
+    if train.align_loss == "distill" and zero_stage == 3:
         problems.append(f"{describe('align_loss')}=distill is not supported with ZeRO-3 (ZERO_STAGE=3) yet.")
     if train.align_loss == "distill" and train.guided_forward != "shared_prompt":
         problems.append(f"{describe('align_loss')}=distill needs --guided_forward shared_prompt.")
