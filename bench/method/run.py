@@ -1,0 +1,267 @@
+"""The controlled method benchmark: does the preference guidance do what plain DPO cannot?
+
+    python -m bench.method.run            # from the repository root; CPU, about 5 minutes on 2 cores
+
+Builds and pretrains a tiny model on the synthetic world of `world.py` (the instruction makes answers
+concise *and* polite), writes preference pairs that contrast concision only, then trains every arm
+through the tool's own entry point (`train_with_preference_prompt.main`) with the same steps, batch and
+LoRA settings, and measures each trained model on held-out questions and topics (`evaluate.py`):
+
+- plain DPO (`ALPHA=0`) at several learning rates: the curve every other arm is compared against at a
+  matched parameter-change size;
+- `hinge`, `ref_hinge` and `distill`, each at two ALPHA values, at the base learning rate;
+- every arm with 3 seeds.
+
+Writes `bench/method/results.json` (every run), `METHOD_RESULTS.md` (table, matched-step comparison,
+command, date, versions) and `bench/method/trait_two_vs_step.png`. Finished runs are kept in
+`bench/method/work/` and skipped on a rerun while the benchmark's sources are unchanged (`--fresh` starts
+over); the pretrained base model is cached there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+RESULTS_JSON = HERE / "results.json"
+PLOT = HERE / "trait_two_vs_step.png"
+REPORT = REPO / "METHOD_RESULTS.md"
+
+logger = logging.getLogger("bench.method")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    align_loss: str = "hinge"
+    alpha: float = 0.0
+    lr_scale: float = 1.0
+
+    @property
+    def is_dpo(self) -> bool:
+        return self.alpha == 0.0
+
+
+BASE_LR = 1e-3
+DPO_LR_SCALES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+ALPHAS = (0.1, 1.0)
+ARMS = (
+    *(Arm(f"dpo lr x{s:g}", lr_scale=s) for s in DPO_LR_SCALES),
+    *(Arm(f"{form} a={a:g}", align_loss=form, alpha=a) for form in ("hinge", "ref_hinge", "distill") for a in ALPHAS),
+)
+SEEDS = (0, 1, 2)
+TRAINING = {  # the same for every arm
+    "beta": 0.1,
+    "per_device_train_batch_size": 16,
+    "num_train_epochs": 2,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+}
+PAIRS_PER_TRAIN_QUESTION = 4
+PAIRS_PER_EVAL_QUESTION = 2
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
+def write_data(folder: Path) -> Path:
+    from bench.method import world
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train.jsonl"
+    rows = world.preference_pairs(world.train_questions(), PAIRS_PER_TRAIN_QUESTION, seed=1)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+    return path
+
+
+def train_arm(arm: Arm, seed: int, base: Path, train_path: Path, output: Path) -> None:
+    from bench.method import world
+    from train_with_preference_prompt import main
+
+    settings = {
+        **TRAINING,
+        "model_name_or_path": base,
+        "train_dataset_path": train_path,
+        "test_dataset_path": "",
+        "preference_text": world.INSTRUCTION,
+        "align_loss": arm.align_loss,
+        "aligned_loss_weight": arm.alpha,
+        "learning_rate": BASE_LR * arm.lr_scale,
+        "seed": seed,
+        "output_dir": output,
+        "log_dir": output / "tensorboard",
+        "overwrite": "true",
+        "resume_from_checkpoint": "false",
+        "save_strategy": "no",
+        "logging_steps": 8,
+        "max_length": 160,
+        "report_to": "none",
+        "disable_tqdm": "true",
+    }
+    argv = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+        status = main(argv)
+    _configure_logging()  # main() points the root logger at the captured stream
+    if status != 0:
+        raise RuntimeError(f"{arm.name} seed {seed} failed ({status}): {captured.getvalue()[-2000:]}")
+
+
+def measure_run(base: Path, adapter: Path | None, pairs, questions) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.method import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return evaluate.measure(model, tokenizer, pairs, questions, base_state)
+
+
+def ref_target_by_politeness(base: Path, train_path: Path) -> list[dict]:
+    """The instructed base model's margin `h_ref_pref` (ref_hinge's target) on the training pairs, grouped by
+    which of chosen and rejected ends politely: it shows what the per-pair weights of the hinge forms know."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.method import evaluate, world
+
+    rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    lp = evaluate.pair_logps(model, AutoTokenizer.from_pretrained(base), rows)
+    target = lp["guided_chosen"] - lp["guided_rejected"]
+    groups = []
+    for chosen_polite in (True, False):
+        for rejected_polite in (True, False):
+            index = [
+                i for i, r in enumerate(rows)
+                if world.is_polite(r["chosen"][0]["content"]) == chosen_polite
+                and world.is_polite(r["rejected"][0]["content"]) == rejected_polite
+            ]  # fmt: skip
+            values = target[index]
+            groups.append(
+                {"chosen_polite": chosen_polite, "rejected_polite": rejected_polite, "pairs": len(index),
+                 "mean": values.mean().item(), "min": values.min().item(), "max": values.max().item()}
+            )  # fmt: skip
+    return groups
+
+
+def fingerprint(*files: str) -> str:
+    """A short hash of this benchmark's own sources: cached results are reused only while they match."""
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update((HERE / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fresh", action="store_true", help="Retrain the base model and every arm.")
+    parser.add_argument("--arms", nargs="*", help="Only arms whose name starts with one of these (debugging).")
+    parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    args = parser.parse_args(argv)
+    _configure_logging()
+
+    from bench.method import pretrain, report, world
+
+    base = WORK / "base_model"
+    base_key = fingerprint("world.py", "pretrain.py")
+    marker = base / "pretraining.json"
+    if args.fresh or not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != base_key:
+        logger.info("Pretraining the base model on the synthetic world ...")
+        pretrain.pretrain(base)
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": base_key}) + "\n")
+    run_key = fingerprint("world.py", "pretrain.py", "evaluate.py", "run.py") + base_key
+    train_path = write_data(WORK / "data")
+    eval_pairs = world.preference_pairs(world.eval_questions(), PAIRS_PER_EVAL_QUESTION, seed=2)
+    eval_questions = world.eval_questions()
+
+    done_path = WORK / "runs.jsonl"
+    done = {}
+    if done_path.exists() and not args.fresh:
+        for line in done_path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("fingerprint") == run_key:  # runs made with other code or settings are redone
+                done[(row["arm"], row["seed"])] = row
+    elif done_path.exists():
+        done_path.unlink()
+
+    baseline = measure_run(base, None, eval_pairs, eval_questions)
+    baseline["ref_target_by_politeness"] = ref_target_by_politeness(base, train_path)
+    logger.info("base model: %s", {k: v for k, v in baseline.items() if k != "sample_generation"})
+    arms = [a for a in ARMS if not args.arms or any(a.name.startswith(p) for p in args.arms)]
+    for arm in arms:
+        for seed in args.seeds:
+            if (arm.name, seed) in done:
+                continue
+            t0 = time.monotonic()
+            output = WORK / "runs" / f"{arm.name.replace(' ', '_').replace('=', '')}-seed{seed}"
+            train_arm(arm, seed, base, train_path, output)
+            row = {
+                "arm": arm.name,
+                "seed": seed,
+                **asdict(arm),
+                **measure_run(base, output, eval_pairs, eval_questions),
+            }
+            row["seconds"] = round(time.monotonic() - t0, 1)
+            row["fingerprint"] = run_key
+            done[(arm.name, seed)] = row
+            with open(done_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            logger.info(
+                "%-14s seed %d  %5.1fs  step %.3f  margin %+.2f  concise %.2f  polite_p %.3f  greedy_polite %.2f  "
+                "dlogp_w %+.2f",
+                arm.name, seed, row["seconds"], row["param_change"], row["margin"], row["greedy_concise"],
+                row["polite_prob"], row["greedy_polite"], row["logp_chosen"] - baseline["logp_chosen"],
+            )  # fmt: skip
+
+    runs = [done[(a.name, s)] for a in ARMS for s in SEEDS if (a.name, s) in done]
+    RESULTS_JSON.write_text(json.dumps({"baseline": baseline, "runs": runs}, indent=1) + "\n")
+    if len(runs) == len(ARMS) * len(SEEDS):
+        command = "python -m bench.method.run"
+        pretraining = json.loads((base / "pretraining.json").read_text())["seconds"]
+        seconds = pretraining + sum(r["seconds"] for r in runs)  # the same on a rerun that reuses finished runs
+        report.write(REPORT, PLOT, baseline, runs, ARMS, command, seconds, settings_text())
+        logger.info("Wrote %s and %s", REPORT, PLOT)
+    else:
+        logger.info("Partial run (%d of %d runs): %s only", len(runs), len(ARMS) * len(SEEDS), RESULTS_JSON)
+    return 0
+
+
+def settings_text() -> str:
+    from bench.method import pretrain, world
+
+    return (
+        f"Base LR {BASE_LR:g}; DPO LR scales {', '.join(f'{s:g}' for s in DPO_LR_SCALES)}; ALPHA {ALPHAS}; "
+        f"seeds {SEEDS}; " + ", ".join(f"{k}={v}" for k, v in TRAINING.items()) + f"; "
+        f"{len(world.train_questions()) * PAIRS_PER_TRAIN_QUESTION} train pairs, "
+        f"{len(world.eval_questions()) * PAIRS_PER_EVAL_QUESTION} held-out pairs on {len(world.eval_questions())} "
+        f"held-out questions; base model {pretrain.MODEL_SHAPE}; {platform.processor() or platform.machine()}."
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
