@@ -239,15 +239,18 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
 
     runs = [done[(a.name, s)] for a in ARMS for s in SEEDS if (a.name, s) in done]
-    RESULTS_JSON.write_text(json.dumps({"baseline": baseline, "runs": runs}, indent=1) + "\n")
-    if len(runs) == len(ARMS) * len(SEEDS):
+    complete = len(runs) == len(ARMS) * len(SEEDS)
+    # a partial run (--arms, --seeds) never replaces the committed results
+    results = RESULTS_JSON if complete else WORK / "results_partial.json"
+    results.write_text(json.dumps({"baseline": baseline, "runs": runs}, indent=1) + "\n")
+    if complete:
         command = "python -m bench.method.run"
         pretraining = json.loads((base / "pretraining.json").read_text())["seconds"]
         seconds = pretraining + sum(r["seconds"] for r in runs)  # the same on a rerun that reuses finished runs
         report.write(REPORT, PLOT, baseline, runs, ARMS, command, seconds, settings_text())
         logger.info("Wrote %s and %s", REPORT, PLOT)
     else:
-        logger.info("Partial run (%d of %d runs): %s only", len(runs), len(ARMS) * len(SEEDS), RESULTS_JSON)
+        logger.info("Partial run (%d of %d runs): %s only", len(runs), len(ARMS) * len(SEEDS), results)
     return 0
 
 
