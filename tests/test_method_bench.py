@@ -69,48 +69,59 @@ def test_batched_sequence_logps_equal_one_sequence_at_a_time():
         assert value.item() == pytest.approx(expected, abs=1e-5)
 
 
-def _summary(dpo_points, arm_point):
-    """summary[name][key] = (mean, sd, n) with one measure `m`, from (step, mean, sd) triples."""
-    summary = {}
-    for i, (step, mean, sd) in enumerate(dpo_points):
-        summary[f"dpo{i}"] = {"param_change": (step, 0.0, 3), "polite_prob": (mean, sd, 3)}
-    step, mean, sd = arm_point
-    summary["arm"] = {"param_change": (step, 0.0, 3), "polite_prob": (mean, sd, 3)}
-    return summary
+def test_interpolation_between_sweep_points_and_none_outside():
+    points = [(2.0, 0.7), (1.0, 0.5), (4.0, 0.8)]
+    assert report.interpolate(points, 1.5) == pytest.approx(0.6)
+    assert report.interpolate(points, 3.0) == pytest.approx(0.75)
+    assert report.interpolate(points, 1.0) == pytest.approx(0.5)
+    assert report.interpolate(points, 0.5) is None and report.interpolate(points, 5.0) is None
 
 
-def test_dpo_curve_is_interpolated_at_the_arms_step_size():
-    summary = _summary([(1.0, 0.5, 0.0), (2.0, 0.7, 0.0), (4.0, 0.8, 0.0)], (1.5, 0.9, 0.0))
-    mean, se = report.dpo_at(summary, ["dpo0", "dpo1", "dpo2"], "polite_prob", 1.5)
-    assert mean == pytest.approx(0.6) and se == 0.0
-    assert report.dpo_at(summary, ["dpo0", "dpo1", "dpo2"], "polite_prob", 3.0)[0] == pytest.approx(0.75)
-    assert report.dpo_at(summary, ["dpo0", "dpo1", "dpo2"], "polite_prob", 5.0) is None
+def _runs(arm_values: list[float], arm_steps: list[float]) -> list[dict]:
+    """Per seed: a DPO sweep at steps 1 and 2 (values 0.5 + 0.1 * seed and 0.7 + 0.1 * seed) and one arm run."""
+    runs = []
+    for seed, (value, step) in enumerate(zip(arm_values, arm_steps, strict=True)):
+        runs.append({"arm": "dpo a", "seed": seed, "param_change": 1.0, "polite_prob": 0.5 + 0.1 * seed})
+        runs.append({"arm": "dpo b", "seed": seed, "param_change": 2.0, "polite_prob": 0.7 + 0.1 * seed})
+        runs.append({"arm": "form", "seed": seed, "param_change": step, "polite_prob": value})
+    return runs
+
+
+ARMS = [SimpleNamespace(name="dpo a", is_dpo=True), SimpleNamespace(name="dpo b", is_dpo=True),
+        SimpleNamespace(name="form", is_dpo=False)]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("arm_point", "dpo_sd", "verdict"),
+    ("arm_values", "arm_steps", "verdict"),
     [
-        ((1.5, 0.9, 0.01), 0.01, "better"),
-        ((1.5, 0.3, 0.01), 0.01, "worse"),
-        ((1.5, 0.9, 0.5), 0.5, "no difference"),  # 0.3 apart, standard error 0.35
-        ((9.0, 0.9, 0.01), 0.01, "outside DPO's sweep"),
+        # DPO at step 1.5 is 0.6 + 0.1 * seed: the arm is 0.2 above it on every seed, although the seeds'
+        # own levels differ by more than that (pairing removes the base models' spread)
+        ([0.8, 0.9, 1.0], [1.5, 1.5, 1.5], "better"),
+        ([0.4, 0.5, 0.6], [1.5, 1.5, 1.5], "worse"),
+        ([0.9, 0.6, 0.7], [1.5, 1.5, 1.5], "no difference"),  # differences +0.3, -0.1, -0.1
+        ([0.9, 0.9, 0.9], [3.0, 3.0, 1.5], "outside DPO's sweep"),  # only one seed inside the sweep
     ],
 )
-def test_matched_comparison_verdicts(arm_point, dpo_sd, verdict, monkeypatch):
+def test_matched_comparison_is_paired_by_seed(arm_values, arm_steps, verdict, monkeypatch):
     monkeypatch.setattr(report, "COMPARED", (("polite_prob", "P(polite)", True),))
-    summary = _summary([(1.0, 0.5, dpo_sd), (2.0, 0.7, dpo_sd)], arm_point)
-    arms = [SimpleNamespace(name=n, is_dpo=n.startswith("dpo")) for n in summary]
-    (row,) = report.matched_comparison(summary, arms)
+    (row,) = report.matched_comparison(_runs(arm_values, arm_steps), ARMS, baselines={})
     assert row["verdict"] == verdict
     if "diff" in row:
-        assert row["diff"] == pytest.approx(arm_point[1] - 0.6)
-        expected_se = math.hypot(arm_point[2] / math.sqrt(3), math.hypot(0.5 * dpo_sd, 0.5 * dpo_sd) / math.sqrt(3))
-        assert row["se"] == pytest.approx(expected_se)
+        diffs = [v - (0.6 + 0.1 * seed) for seed, v in enumerate(arm_values)]
+        assert row["diff"] == pytest.approx(sum(diffs) / 3)
+        sd = (sum((d - row["diff"]) ** 2 for d in diffs) / 2) ** 0.5
+        assert row["half_width"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    else:
+        assert row["seeds"] == 1
 
 
 def test_a_measure_without_a_better_direction_is_called_higher_or_lower(monkeypatch):
     monkeypatch.setattr(report, "COMPARED", (("polite_prob", "Δ logp(chosen)", None),))
-    summary = _summary([(1.0, 0.5, 0.01), (2.0, 0.7, 0.01)], (1.5, 0.3, 0.01))
-    arms = [SimpleNamespace(name=n, is_dpo=n.startswith("dpo")) for n in summary]
-    (row,) = report.matched_comparison(summary, arms)
+    (row,) = report.matched_comparison(_runs([0.4, 0.5, 0.6], [1.5, 1.5, 1.5]), ARMS, baselines={})
     assert row["verdict"] == "lower"
+
+
+def test_logp_change_is_measured_from_the_runs_own_base_model():
+    baselines = {0: {"logp_chosen": -2.0}, 1: {"logp_chosen": -5.0}}
+    assert report._value({"seed": 1, "logp_chosen": -4.0}, "dlogp_chosen", baselines) == pytest.approx(1.0)
+    assert report._value({"seed": 0, "logp_chosen": -4.0}, "dlogp_chosen", baselines) == pytest.approx(-2.0)

@@ -1,16 +1,18 @@
 """Turn the benchmark's runs into METHOD_RESULTS.md and the trait-two plot.
 
-Matched step size: plain DPO's learning-rate sweep gives, per measure, a curve of seed means against the
-mean parameter-change size. Every other arm is compared with that curve linearly interpolated at the
-arm's own mean parameter change. A difference counts only when it exceeds twice its standard error
-(seed spread of the arm and of the two neighbouring DPO points, 3 seeds each); otherwise it is
-reported as no difference.
+Matched step size, paired by seed: within one seed (one base model), plain DPO's learning-rate sweep
+gives a curve of each measure against the parameter-change size; an arm's run is compared with that
+seed's curve, linearly interpolated at the run's own parameter change. The per-seed differences are
+averaged; a difference counts when its 95% confidence interval (Student t over seeds) excludes zero,
+and is reported as "no difference" otherwise. Seeds whose run falls outside that seed's DPO sweep are
+left out of the comparison, and the count says so.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections import defaultdict
 from datetime import date
 from importlib.metadata import version
 from pathlib import Path
@@ -37,76 +39,90 @@ COMPARED = (
     ("greedy_correct_core", "greedy answers with correct facts", True),
 )
 LIBRARIES = ("torch", "transformers", "trl", "peft")
+# two-sided 95% Student t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def _value(run: dict, key: str, baseline: dict) -> float:
+def _value(run: dict, key: str, baselines: dict[int, dict]) -> float:
+    """A run's measure; `dlogp_chosen` is relative to the run's own base model."""
     if key == "dlogp_chosen":
-        return run["logp_chosen"] - baseline["logp_chosen"]
+        return run["logp_chosen"] - baselines[run["seed"]]["logp_chosen"]
     return run[key]
 
 
-def summarise(runs: list[dict], arms, baseline: dict) -> dict[str, dict[str, tuple[float, float, int]]]:
+def _mean_sd(values: list[float]) -> tuple[float, float, int]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def summarise(runs: list[dict], arms, baselines: dict[int, dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
     """arm name -> key -> (mean, standard deviation over seeds, number of seeds)."""
     out = {}
-    keys = [k for k, _, _ in COLUMNS]
     for arm in arms:
         rows = [r for r in runs if r["arm"] == arm.name]
-        if not rows:
-            continue
-        out[arm.name] = {}
-        for key in keys:
-            values = [_value(r, key, baseline) for r in rows]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            out[arm.name][key] = (statistics.fmean(values), spread, len(values))
+        if rows:
+            out[arm.name] = {key: _mean_sd([_value(r, key, baselines) for r in rows]) for key, _, _ in COLUMNS}
     return out
 
 
-def dpo_at(summary, dpo_names: list[str], key: str, step: float) -> tuple[float, float] | None:
-    """DPO's (mean, standard error) for `key` interpolated at parameter change `step`; None outside the sweep."""
-    points = sorted((summary[n]["param_change"][0], summary[n][key], n) for n in dpo_names)
-    for (x0, (m0, s0, n0), _), (x1, (m1, s1, n1), _) in zip(points, points[1:], strict=False):
-        if x0 <= step <= x1:
-            w = 0.0 if x1 == x0 else (step - x0) / (x1 - x0)
-            se = math.hypot((1 - w) * s0 / math.sqrt(n0), w * s1 / math.sqrt(n1))
-            return m0 + w * (m1 - m0), se
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Piecewise-linear value at `x` through (x, y) points; None outside their range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
     return None
 
 
-def matched_comparison(summary, arms) -> list[dict]:
-    dpo_names = [a.name for a in arms if a.is_dpo and a.name in summary]
+def matched_comparison(runs: list[dict], arms, baselines: dict[int, dict]) -> list[dict]:
+    """Per non-DPO arm and compared measure: paired differences from the same seed's DPO curve."""
+    dpo = {a.name for a in arms if a.is_dpo}
+    curves: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
+    for r in runs:
+        if r["arm"] in dpo:
+            for key, _, _ in COMPARED:
+                curves[(r["seed"], key)].append((r["param_change"], _value(r, key, baselines)))
     rows = []
     for arm in arms:
-        if arm.is_dpo or arm.name not in summary:
+        if arm.is_dpo:
             continue
-        step = summary[arm.name]["param_change"][0]
+        arm_runs = [r for r in runs if r["arm"] == arm.name]
+        if not arm_runs:
+            continue
         for key, label, higher_better in COMPARED:
-            mean, spread, n = summary[arm.name][key]
-            ref = dpo_at(summary, dpo_names, key, step)
-            if ref is None:
-                rows.append({"arm": arm.name, "measure": label, "step": step, "verdict": "outside DPO's sweep"})
+            diffs, arm_values, dpo_values = [], [], []
+            for r in arm_runs:
+                ref = interpolate(curves[(r["seed"], key)], r["param_change"])
+                if ref is not None:
+                    arm_values.append(_value(r, key, baselines))
+                    dpo_values.append(ref)
+                    diffs.append(arm_values[-1] - ref)
+            row = {"arm": arm.name, "measure": label, "seeds": len(diffs), "of": len(arm_runs),
+                   "step": statistics.fmean(r["param_change"] for r in arm_runs)}  # fmt: skip
+            if len(diffs) < 2:
+                rows.append({**row, "verdict": "outside DPO's sweep"})
                 continue
-            diff = mean - ref[0]
-            se = math.hypot(spread / math.sqrt(n), ref[1])
-            if abs(diff) <= 2 * se:
+            mean, sd, n = _mean_sd(diffs)
+            half_width = T95[n - 1] * sd / math.sqrt(n)
+            if abs(mean) <= half_width:
                 verdict = "no difference"
             elif higher_better is None:
-                verdict = "higher" if diff > 0 else "lower"
+                verdict = "higher" if mean > 0 else "lower"
             else:
-                verdict = "better" if (diff > 0) == higher_better else "worse"
+                verdict = "better" if (mean > 0) == higher_better else "worse"
             rows.append(
-                {"arm": arm.name, "measure": label, "step": step, "arm_mean": mean, "dpo_mean": ref[0],
-                 "diff": diff, "se": se, "verdict": verdict}
+                {**row, "arm_mean": statistics.fmean(arm_values), "dpo_mean": statistics.fmean(dpo_values),
+                 "diff": mean, "half_width": half_width, "verdict": verdict}
             )  # fmt: skip
     return rows
 
 
-def plot(path: Path, runs: list[dict], arms, summary, baseline: dict) -> None:
+def plot(path: Path, runs: list[dict], arms, summary, base_summary, comparison: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     markers = {"hinge": "o", "ref_hinge": "s", "distill": "^"}
     colours = {0.1: "tab:blue", 1.0: "tab:red"}
     dpo = sorted((summary[a.name]["param_change"][0], a.name) for a in arms if a.is_dpo and a.name in summary)
@@ -132,11 +148,12 @@ def plot(path: Path, runs: list[dict], arms, summary, baseline: dict) -> None:
                         marker=markers[arm.align_loss], color=colours.get(arm.alpha, "tab:green"), capsize=3,
                         label=arm.name, linestyle="none")  # fmt: skip
         if key == "polite_prob":
-            ax.axhline(baseline["polite_prob_guided"], color="grey", linestyle="--", linewidth=1)
-            ax.text(0.02, baseline["polite_prob_guided"] - 0.05, "base model with the instruction", color="grey",
-                    fontsize=8, transform=ax.get_yaxis_transform())  # fmt: skip
-        ax.axhline(baseline[key], color="grey", linestyle=":", linewidth=1)
-        ax.text(0.02, baseline[key] + 0.015, "base model without it", color="grey", fontsize=8,
+            guided = base_summary["polite_prob_guided"][0]
+            ax.axhline(guided, color="grey", linestyle="--", linewidth=1)
+            ax.text(0.02, guided - 0.05, "base model with the instruction", color="grey", fontsize=8,
+                    transform=ax.get_yaxis_transform())  # fmt: skip
+        ax.axhline(base_summary[key][0], color="grey", linestyle=":", linewidth=1)
+        ax.text(0.02, base_summary[key][0] + 0.015, "base model without it", color="grey", fontsize=8,
                 transform=ax.get_yaxis_transform())  # fmt: skip
         ax.set_xlabel("parameter-change size ||W - W0||_F (adapter merged)")
         ax.set_title(title, fontsize=10)
@@ -144,6 +161,22 @@ def plot(path: Path, runs: list[dict], arms, summary, baseline: dict) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("trait two (polite)")
     axes[1].legend(fontsize=7, loc="best")
+    # paired by seed: each arm minus the same seed's DPO curve at the same parameter change
+    paired = [r for r in comparison if "diff" in r and r["measure"].startswith("trait two")]
+    names = list(dict.fromkeys(r["arm"] for r in paired))
+    for offset, (measure, colour) in enumerate((("P(polite)", "tab:purple"), ("greedy polite rate", "tab:orange"))):
+        rows = {r["arm"]: r for r in paired if r["measure"].endswith(measure)}
+        ys = [i + (offset - 0.5) * 0.3 for i in range(len(names))]
+        ax = axes[2]
+        ax.errorbar([rows[n]["diff"] for n in names], ys, xerr=[rows[n]["half_width"] for n in names], fmt="o",
+                    color=colour, capsize=3, label=measure)  # fmt: skip
+    axes[2].axvline(0, color="black", linewidth=1)
+    axes[2].set_yticks(range(len(names)), names, fontsize=8)
+    axes[2].invert_yaxis()
+    axes[2].set_xlabel("arm - DPO at the same step, same seed (95% CI)")
+    axes[2].set_title("trait two, paired difference from plain DPO", fontsize=10)
+    axes[2].legend(fontsize=7, loc="lower right")
+    axes[2].grid(alpha=0.3)
     fig.suptitle("Does the instruction's second effect transfer? (mean ± sd over seeds; faint: single seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -155,75 +188,89 @@ def _fmt(cell: tuple[float, float, int], spec: str) -> str:
     return spec.format(mean) + (f" ± {spec.replace('+', '').format(spread)}" if n > 1 else "")
 
 
-def write(report: Path, plot_path: Path, baseline, runs, arms, command: str, seconds: float, settings: str) -> None:
-    summary = summarise(runs, arms, baseline)
-    plot(plot_path, runs, arms, summary, baseline)
-    comparison = matched_comparison(summary, arms)
+def _ref_target_table(baselines: dict[int, dict]) -> list[str]:
+    groups = defaultdict(list)
+    for b in baselines.values():
+        for g in b["ref_target_by_politeness"]:
+            groups[(g["chosen_polite"], g["rejected_polite"])].append(g)
+    lines = ["| chosen polite | rejected polite | pairs per seed | mean h_ref_pref (sd over seeds) | min | max |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for (chosen, rejected), gs in groups.items():
+        mean, sd, _ = _mean_sd([g["mean"] for g in gs])
+        lines.append(
+            f"| {chosen} | {rejected} | {statistics.fmean(g['pairs'] for g in gs):.0f} | {mean:.1f} ± {sd:.1f} | "
+            f"{min(g['min'] for g in gs):.1f} | {max(g['max'] for g in gs):.1f} |"
+        )
+    return lines
+
+
+def write(report: Path, plot_path: Path, baselines: dict[int, dict], runs, arms, command, seconds, settings) -> None:
+    summary = summarise(runs, arms, baselines)
+    base_rows = [{**b, "dlogp_chosen": 0.0} for b in baselines.values()]
+    base_summary = {
+        key: _mean_sd([b[key] for b in base_rows])
+        for key in [k for k, _, _ in COLUMNS] + ["polite_prob_guided", "guided_pair_accuracy"]
+    }
+    comparison = matched_comparison(runs, arms, baselines)
+    plot(plot_path, runs, arms, summary, base_summary, comparison)
     lines = [
         "# Method benchmark: what the preference guidance transfers",
         "",
         f"Generated by `{command}` on {date.today().isoformat()}: {seconds / 60:.1f} min of pretraining, training and "
-        "evaluation on this machine's CPU "
-        f"({', '.join(f'{lib} {version(lib)}' for lib in LIBRARIES)}). The design is in "
-        "`bench/method/run.py` and `bench/method/world.py`; every run is in `bench/method/results.json`.",
+        f"evaluation on this machine's CPU ({', '.join(f'{lib} {version(lib)}' for lib in LIBRARIES)}). The design "
+        "is in `bench/method/run.py` and `bench/method/world.py`; every run is in `bench/method/results.json`.",
         "",
         f"Settings: {settings}",
         "",
-        "All measures are on held-out questions and held-out topics, **without** the instruction. Mean ± sd over "
-        "seeds. `param change` is the Frobenius norm of the weight change (adapter merged); `margin` is "
-        "`logp(concise) - logp(verbose)`; `P(polite)` is the probability of the polite ending after a concise "
-        "answer; `greedy ...` are rates in greedy generations; `correct core` is the rate of greedy answers that "
-        "start with the right facts (a collapse detector); `log pref_adv_ratio` is `mean(h_pref - h_base)`.",
+        "Each seed is a full replicate: its own pretraining corpus and base model, training pairs, LoRA "
+        "initialisation and data order. All measures are on held-out questions and held-out topics, **without** the "
+        "instruction; mean ± sd over seeds. `param change` is the Frobenius norm of the weight change (adapter "
+        "merged); `margin` is `logp(concise) - logp(verbose)`; `P(polite)` is the probability of the polite ending "
+        "after a concise answer; `greedy ...` are rates in greedy generations; `correct core` is the rate of greedy "
+        "answers that start with the right facts (a collapse detector); `Δ logp(chosen)` is from the seed's base "
+        "model; `log pref_adv_ratio` is `mean(h_pref - h_base)`.",
         "",
         "| arm | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
+        "| base model (untrained) | " + " | ".join(_fmt(base_summary[k], spec) for k, _, spec in COLUMNS) + " |",
     ]
-    base_cells = [
-        spec.format(_value(baseline, key, baseline)) if key in baseline or key == "dlogp_chosen" else ""
-        for key, _, spec in COLUMNS
-    ]
-    lines.append("| base model (untrained) | " + " | ".join(base_cells) + " |")
     for arm in arms:
         if arm.name in summary:
             cells = [_fmt(summary[arm.name][key], spec) for key, _, spec in COLUMNS]
             lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Instructed base model for comparison: P(polite) = {baseline['polite_prob_guided']:.3f}, "
-        f"guided pair accuracy = {baseline['guided_pair_accuracy']:.3f}.",
+        f"Base models with the instruction, for comparison: P(polite) = {_fmt(base_summary['polite_prob_guided'], '{:.3f}')}, "
+        f"pair accuracy = {_fmt(base_summary['guided_pair_accuracy'], '{:.3f}')}.",
         "",
         "What the hinge forms' per-pair weights can know: the instructed base model's margin `h_ref_pref` "
         "(`ref_hinge`'s target) on the training pairs, by which response ends politely:",
         "",
-        "| chosen polite | rejected polite | pairs | mean h_ref_pref | min | max |",
-        "|---|---|---|---|---|---|",
-        *(
-            f"| {g['chosen_polite']} | {g['rejected_polite']} | {g['pairs']} | {g['mean']:.1f} | {g['min']:.1f} | "
-            f"{g['max']:.1f} |"
-            for g in baseline.get("ref_target_by_politeness", [])
-        ),
+        *_ref_target_table(baselines),
         "",
         "## At matched step size",
         "",
-        "Each arm against plain DPO's learning-rate curve interpolated at the arm's parameter change "
-        "(`bench/method/report.py` states the rule: a difference counts when it exceeds twice its standard error).",
+        "Each arm's run against plain DPO's learning-rate curve *of the same seed*, interpolated at the run's "
+        "parameter change; differences averaged over seeds, with their 95% confidence half-width (Student t). "
+        'A verdict other than "no difference" means the interval excludes zero (`bench/method/report.py`).',
         "",
-        "| arm | param change | measure | arm | DPO at same change | difference | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | param change | measure | seeds | arm | DPO at same change | difference | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in comparison:
+        head = f"| {row['arm']} | {row['step']:.2f} | {row['measure']} | {row['seeds']} of {row['of']} |"
         if "diff" not in row:
-            lines.append(f"| {row['arm']} | {row['step']:.2f} | {row['measure']} | | | | {row['verdict']} |")
+            lines.append(f"{head} | | | {row['verdict']} |")
             continue
         lines.append(
-            f"| {row['arm']} | {row['step']:.2f} | {row['measure']} | {row['arm_mean']:.3f} | {row['dpo_mean']:.3f} | "
-            f"{row['diff']:+.3f} ± {row['se']:.3f} | {row['verdict']} |"
+            f"{head} {row['arm_mean']:.3f} | {row['dpo_mean']:.3f} | {row['diff']:+.3f} ± {row['half_width']:.3f} | "
+            f"{row['verdict']} |"
         )
     lines += ["", "Summary (generated from the table above):", ""]
     for _, label, _ in COMPARED:
         verdicts = {v: [r["arm"] for r in comparison if r["measure"] == label and r["verdict"] == v]
-                    for v in ("better", "worse", "higher", "lower", "no difference")}  # fmt: skip
+                    for v in ("better", "worse", "higher", "lower", "no difference", "outside DPO's sweep")}  # fmt: skip
         parts = [f"{v}: {', '.join(names)}" for v, names in verdicts.items() if names]
-        lines.append(f"- {label}: " + ("; ".join(parts) if parts else "no arm inside DPO's sweep"))
+        lines.append(f"- {label}: " + "; ".join(parts))
     lines += ["", f"![trait two against parameter change]({plot_path.relative_to(report.parent).as_posix()})", ""]
     report.write_text("\n".join(lines), encoding="utf-8")

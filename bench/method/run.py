@@ -1,6 +1,6 @@
 """The controlled method benchmark: does the preference guidance do what plain DPO cannot?
 
-    python -m bench.method.run            # from the repository root; CPU, about 5 minutes on 2 cores
+    python -m bench.method.run            # from the repository root; CPU, about 13 minutes on 2 cores
 
 Builds and pretrains a tiny model on the synthetic world of `world.py` (the instruction makes answers
 concise *and* polite), writes preference pairs that contrast concision only, then trains every arm
@@ -10,7 +10,9 @@ LoRA settings, and measures each trained model on held-out questions and topics 
 - plain DPO (`ALPHA=0`) at several learning rates: the curve every other arm is compared against at a
   matched parameter-change size;
 - `hinge`, `ref_hinge` and `distill`, each at two ALPHA values, at the base learning rate;
-- every arm with 3 seeds.
+- every arm with 5 seeds, each a full replicate: its own pretraining corpus and base model, training
+  pairs, LoRA initialisation and data order (a first version varied only the training seed on one base
+  model and drew conclusions that a second base model reversed).
 
 Writes `bench/method/results.json` (every run), `METHOD_RESULTS.md` (table, matched-step comparison,
 command, date, versions) and `bench/method/trait_two_vs_step.png`. Finished runs are kept in
@@ -63,7 +65,9 @@ ARMS = (
     *(Arm(f"dpo lr x{s:g}", lr_scale=s) for s in DPO_LR_SCALES),
     *(Arm(f"{form} a={a:g}", align_loss=form, alpha=a) for form in ("hinge", "ref_hinge", "distill") for a in ALPHAS),
 )
-SEEDS = (0, 1, 2)
+# Each seed is a full replicate: its own pretraining corpus and base model, training pairs, LoRA init and
+# data order. (Training seeds alone understate the spread: the base model moves the results more.)
+SEEDS = (0, 1, 2, 3, 4)
 TRAINING = {  # the same for every arm
     "beta": 0.1,
     "per_device_train_batch_size": 16,
@@ -81,12 +85,12 @@ def _configure_logging() -> None:
     logging.getLogger("transformers").setLevel(logging.WARNING)
 
 
-def write_data(folder: Path) -> Path:
+def write_data(folder: Path, seed: int) -> Path:
     from bench.method import world
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "train.jsonl"
-    rows = world.preference_pairs(world.train_questions(), PAIRS_PER_TRAIN_QUESTION, seed=1)
+    path = folder / f"train_seed{seed}.jsonl"
+    rows = world.preference_pairs(world.train_questions(), PAIRS_PER_TRAIN_QUESTION, seed=1000 + seed)
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
@@ -187,17 +191,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.method import pretrain, report, world
 
-    base = WORK / "base_model"
-    base_key = fingerprint("world.py", "pretrain.py")
-    marker = base / "pretraining.json"
-    if args.fresh or not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != base_key:
-        logger.info("Pretraining the base model on the synthetic world ...")
-        pretrain.pretrain(base)
-        marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": base_key}) + "\n")
-    run_key = fingerprint("world.py", "pretrain.py", "evaluate.py", "run.py") + base_key
-    train_path = write_data(WORK / "data")
     eval_pairs = world.preference_pairs(world.eval_questions(), PAIRS_PER_EVAL_QUESTION, seed=2)
     eval_questions = world.eval_questions()
+    base_key = fingerprint("world.py", "pretrain.py")
+    run_key = fingerprint("world.py", "pretrain.py", "evaluate.py", "run.py")
 
     done_path = WORK / "runs.jsonl"
     done = {}
@@ -209,12 +206,26 @@ def main(argv: list[str] | None = None) -> int:
     elif done_path.exists():
         done_path.unlink()
 
-    baseline = measure_run(base, None, eval_pairs, eval_questions)
-    baseline["ref_target_by_politeness"] = ref_target_by_politeness(base, train_path)
-    logger.info("base model: %s", {k: v for k, v in baseline.items() if k != "sample_generation"})
+    baselines = {}
     arms = [a for a in ARMS if not args.arms or any(a.name.startswith(p) for p in args.arms)]
-    for arm in arms:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        base = WORK / f"base_model_seed{seed}"
+        marker = base / "pretraining.json"
+        if args.fresh or not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != base_key:
+            logger.info("Seed %d: pretraining the base model on the synthetic world ...", seed)
+            pretrain.pretrain(base, seed=seed)
+            marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": base_key}) + "\n")
+        train_path = write_data(WORK / "data", seed)
+        baseline = measure_run(base, None, eval_pairs, eval_questions)
+        baseline["seed"] = seed
+        baseline["pretraining_seconds"] = json.loads(marker.read_text())["seconds"]
+        baseline["ref_target_by_politeness"] = ref_target_by_politeness(base, train_path)
+        baselines[seed] = baseline
+        logger.info(
+            "seed %d base model: margin %+.2f  polite_p %.3f (with the instruction %.3f)  greedy_polite %.2f",
+            seed, baseline["margin"], baseline["polite_prob"], baseline["polite_prob_guided"], baseline["greedy_polite"],
+        )  # fmt: skip
+        for arm in arms:
             if (arm.name, seed) in done:
                 continue
             t0 = time.monotonic()
@@ -232,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(done_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             logger.info(
-                "%-14s seed %d  %5.1fs  step %.3f  margin %+.2f  concise %.2f  polite_p %.3f  greedy_polite %.2f  "
+                "%-15s seed %d  %5.1fs  step %.3f  margin %+.2f  concise %.2f  polite_p %.3f  greedy_polite %.2f  "
                 "dlogp_w %+.2f",
                 arm.name, seed, row["seconds"], row["param_change"], row["margin"], row["greedy_concise"],
                 row["polite_prob"], row["greedy_polite"], row["logp_chosen"] - baseline["logp_chosen"],
@@ -242,12 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     complete = len(runs) == len(ARMS) * len(SEEDS)
     # a partial run (--arms, --seeds) never replaces the committed results
     results = RESULTS_JSON if complete else WORK / "results_partial.json"
-    results.write_text(json.dumps({"baseline": baseline, "runs": runs}, indent=1) + "\n")
+    complete = complete and set(baselines) == set(SEEDS)
+    results.write_text(json.dumps({"baselines": list(baselines.values()), "runs": runs}, indent=1) + "\n")
     if complete:
         command = "python -m bench.method.run"
-        pretraining = json.loads((base / "pretraining.json").read_text())["seconds"]
-        seconds = pretraining + sum(r["seconds"] for r in runs)  # the same on a rerun that reuses finished runs
-        report.write(REPORT, PLOT, baseline, runs, ARMS, command, seconds, settings_text())
+        # pretraining plus every run: the same on a rerun that reuses finished runs
+        seconds = sum(b["pretraining_seconds"] for b in baselines.values()) + sum(r["seconds"] for r in runs)
+        report.write(REPORT, PLOT, baselines, runs, ARMS, command, seconds, settings_text())
         logger.info("Wrote %s and %s", REPORT, PLOT)
     else:
         logger.info("Partial run (%d of %d runs): %s only", len(runs), len(ARMS) * len(SEEDS), results)
