@@ -15,14 +15,8 @@ import math
 
 import torch
 
-from preference_dpo.views import template_default_system, tokenize_views
-
 from . import world
-
-
-def _views(tokenizer, rows: list[dict]) -> list[dict]:
-    default_system = template_default_system(tokenizer)
-    return [tokenize_views(r, tokenizer, world.INSTRUCTION, "system", 0, 10_000, default_system) for r in rows]
+from .encoding import right_pad, tokenize_rows
 
 
 @torch.no_grad()
@@ -32,23 +26,15 @@ def sequence_logps(
     """Sum of log-probabilities of each response given its prompt."""
     out = []
     for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        width = max(len(p) + len(r) for p, r in chunk)
-        ids = torch.full((len(chunk), width), pad_id)
-        attention = torch.zeros_like(ids)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (p, r) in enumerate(chunk):
-            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            attention[i, : len(p) + len(r)] = 1
-            mask[i, len(p) : len(p) + len(r)] = True
+        ids, attention, response = right_pad(sequences[start : start + batch_size], pad_id)
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
         logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        out.append((logps * mask[:, 1:]).sum(-1))
+        out.append((logps * response[:, 1:]).sum(-1))
     return torch.cat(out)
 
 
 def pair_logps(model, tokenizer, rows: list[dict]) -> dict[str, torch.Tensor]:
-    views = _views(tokenizer, rows)
+    views = tokenize_rows(tokenizer, rows)
     pad = tokenizer.pad_token_id
     result = {}
     for view, prompt in (("base", "prompt_ids"), ("guided", "guided_prompt_ids")):

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from preference_dpo.tiny_model import DEFAULT_SYSTEM_PROMPT, train_tokenizer
-from preference_dpo.views import template_default_system, tokenize_views
 
 from . import world
+from .encoding import right_pad, tokenize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -38,35 +38,29 @@ def build_tokenizer():
     return train_tokenizer(_tokenizer_corpus(), vocab_size=600)
 
 
-def encode(tokenizer, rows, default_system: str) -> list[tuple[list[int], list[int]]]:
+def encode(tokenizer, rows) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per (question, instructed, answer) row."""
-    out = []
-    for q, instructed, text in rows:
-        example = {
+    examples = [
+        {
             "prompt": [{"role": "user", "content": q.text}],
             "chosen": [{"role": "assistant", "content": text}],
             "rejected": [{"role": "assistant", "content": text}],
         }
-        ids = tokenize_views(example, tokenizer, world.INSTRUCTION, "system", 0, 10_000, default_system)
-        out.append((ids["guided_prompt_ids"] if instructed else ids["prompt_ids"], ids["chosen_ids"]))
-    return out
+        for q, _, text in rows
+    ]
+    views = tokenize_rows(tokenizer, examples)
+    return [
+        (v["guided_prompt_ids"] if instructed else v["prompt_ids"], v["chosen_ids"])
+        for v, (_, instructed, _) in zip(views, rows, strict=True)
+    ]
 
 
 def batches(encoded, batch_size: int, pad_id: int, rng: random.Random):
     order = list(range(len(encoded)))
     rng.shuffle(order)
     for start in range(0, len(order), batch_size):
-        chunk = [encoded[i] for i in order[start : start + batch_size]]
-        width = max(len(p) + len(r) for p, r in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id)
-        labels = torch.full((len(chunk), width), -100)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (p, r) in enumerate(chunk):
-            seq = p + r
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            labels[row, len(p) : len(seq)] = torch.tensor(r)
-            attention[row, : len(seq)] = 1
-        yield input_ids, attention, labels
+        input_ids, attention, response = right_pad([encoded[i] for i in order[start : start + batch_size]], pad_id)
+        yield input_ids, attention, torch.where(response, input_ids, -100)
 
 
 def pretrain(output_dir: Path, examples: int = 12_000, epochs: int = 3, seed: int = 0) -> Path:
@@ -75,8 +69,7 @@ def pretrain(output_dir: Path, examples: int = 12_000, epochs: int = 3, seed: in
     started = time.monotonic()
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    default_system = template_default_system(tokenizer)
-    encoded = encode(tokenizer, world.pretraining_examples(examples, seed), default_system)
+    encoded = encode(tokenizer, world.pretraining_examples(examples, seed))
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         intermediate_size=MODEL_SHAPE["hidden_size"] * 3,

@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
     eval_pairs = world.preference_pairs(world.eval_questions(), PAIRS_PER_EVAL_QUESTION, seed=2)
     eval_questions = world.eval_questions()
-    base_key = fingerprint("world.py", "pretrain.py")
-    run_key = fingerprint("world.py", "pretrain.py", "evaluate.py", "run.py")
+    base_key = fingerprint("world.py", "encoding.py", "pretrain.py")
+    run_key = fingerprint("world.py", "encoding.py", "pretrain.py", "evaluate.py", "run.py")
 
     done_path = WORK / "runs.jsonl"
     done = {}
