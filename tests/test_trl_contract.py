@@ -121,6 +121,18 @@ def dpo(trainer, chosen, rejected, ref_chosen, ref_rejected):
     return dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, trainer.args.beta)
 
 
+def training_loss(trainer, batch):
+    """The policy (in train mode) and the trainer's loss on `batch`."""
+    model = trainer.model
+    model.train()
+    return model, trainer.compute_loss(model, batch)
+
+
+def expected_hinge(target_chosen, target_rejected, chosen, rejected):
+    """mean(relu(target margin - base margin)), written out independently of preference_dpo.losses."""
+    return torch.relu((target_chosen - target_rejected) - (chosen - rejected)).mean()
+
+
 def assert_same_gradients(loss, expected, model, rtol, atol):
     params = [p for p in model.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params), strict=True):
@@ -141,15 +153,13 @@ def test_loss_matches_independent_computation(tiny_model_dir, tokenizer, small_d
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=alpha)
     perturb_adapter(trainer)
     batch, full = first_batch(trainer)
-    model = trainer.model
-    model.train()
-    loss = trainer.compute_loss(model, batch)
+    model, loss = training_loss(trainer, batch)
 
     with torch.no_grad():
         chosen, rejected = base_logps(model, batch)
         g_chosen, g_rejected = guided_logps(model, full)
     dpo_loss = dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"])
-    hinge = torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
+    hinge = expected_hinge(g_chosen, g_rejected, chosen, rejected)
     assert trainer._metrics["train"]["dpo_loss"][-1] == pytest.approx(dpo_loss.item(), rel=1e-4)
     assert loss.item() == pytest.approx((dpo_loss + alpha * hinge).item(), rel=1e-4)
     # TRL's own logged log-probs are the ones the hook captured
@@ -213,16 +223,12 @@ def test_guided_view_has_no_gradient_and_base_view_does(tiny_model_dir, tokenize
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=1.0)
     perturb_adapter(trainer)
     batch, full = first_batch(trainer)
-    model = trainer.model
-    model.train()
-    total = trainer.compute_loss(model, batch)
+    model, total = training_loss(trainer, batch)
     chosen, rejected = base_logps(model, batch)
     with torch.no_grad():
         g_chosen, g_rejected = guided_logps(model, full)
-    expected = (
-        dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"])
-        + torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
-    )
+    dpo_loss = dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"])
+    expected = dpo_loss + expected_hinge(g_chosen, g_rejected, chosen, rejected)
     assert_same_gradients(total, expected, model, rtol=1e-4, atol=1e-6)
 
 
@@ -292,15 +298,13 @@ def test_separate_reference_model_without_precompute(tiny_model_dir, tokenizer, 
     )
     batch, full = first_batch(trainer)
     assert "ref_chosen_logps" not in batch
-    model = trainer.model
-    model.train()
-    loss = trainer.compute_loss(model, batch)
+    model, loss = training_loss(trainer, batch)
     with torch.no_grad():
         chosen, rejected = base_logps(model, batch)
         ref_chosen, ref_rejected = base_logps(reference, batch)
         g_chosen, g_rejected = guided_logps(model, full)
     dpo_loss = dpo(trainer, chosen, rejected, ref_chosen, ref_rejected)
-    hinge = torch.relu((g_chosen - g_rejected) - (chosen - rejected)).mean()
+    hinge = expected_hinge(g_chosen, g_rejected, chosen, rejected)
     assert abs(dpo_loss.item() - math.log(2)) > 1e-3  # the reference really differs from the policy
     assert loss.item() == pytest.approx((dpo_loss + 0.5 * hinge).item(), rel=1e-4)
 
@@ -352,7 +356,7 @@ def test_ref_hinge_targets_the_reference_guided_margin_without_a_guided_forward(
     with torch.no_grad():
         chosen, rejected = base_logps(model, batch)
     dpo_loss = dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"])
-    hinge = torch.relu((ref_chosen - ref_rejected) - (chosen - rejected)).mean()
+    hinge = expected_hinge(ref_chosen, ref_rejected, chosen, rejected)
     assert loss.item() == pytest.approx((dpo_loss + 0.5 * hinge).item(), rel=1e-4)
     assert "pref_advantage_ratio" not in trainer._metrics["train"]
     assert trainer._metrics["train"]["aligned_loss"][-1] == pytest.approx(hinge.item(), rel=1e-4)
@@ -366,9 +370,7 @@ def test_distill_matches_an_independent_token_level_kl(tiny_model_dir, tokenizer
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, align_loss="distill")
     perturb_adapter(trainer)
     batch, full = first_batch(trainer)
-    model = trainer.model
-    model.train()
-    loss = trainer.compute_loss(model, batch)
+    model, loss = training_loss(trainer, batch)
 
     student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     with torch.no_grad():
