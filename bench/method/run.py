@@ -93,7 +93,7 @@ def write_data(folder: Path, seed: int) -> Path:
     rows = world.preference_pairs(world.train_questions(), PAIRS_PER_TRAIN_QUESTION, seed=1000 + seed)
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+            f.write(json.dumps(row) + "\n")
     return path
 
 

@@ -142,8 +142,6 @@ def preference_pairs(questions: list[Question], per_question: int, seed: int) ->
                     "prompt": [{"role": "user", "content": q.text}],
                     "chosen": [{"role": "assistant", "content": answer(q.topic, True, rng.random() < 0.5)}],
                     "rejected": [{"role": "assistant", "content": answer(q.topic, False, rng.random() < 0.5)}],
-                    "topic": q.topic,
-                    "template": q.template,
                 }
             )
     rng.shuffle(rows)
