@@ -23,6 +23,7 @@ POLICY_MODEL_PATH="${POLICY_MODEL_PATH:-$SCRIPT_DIR/tiny_model}"   # e.g. Qwen/Q
 REFERENCE_MODEL_PATH="${REFERENCE_MODEL_PATH:-}"                   # empty: the policy with LoRA disabled
 TRAIN_DATASET_PATH="${TRAIN_DATASET_PATH:-$SCRIPT_DIR/data/preference_pairs/train.jsonl}"
 TEST_DATASET_PATH="${TEST_DATASET_PATH-$SCRIPT_DIR/data/preference_pairs/test.jsonl}"  # set empty for none
+DATASET_SPLIT="${DATASET_SPLIT:-train}"   # folders: the split to train on (e.g. train_prefs; tests: test_prefs)
 
 # Preference instruction
 TRAINING_MODE="${TRAINING_MODE:-text}"    # text | embedding
@@ -122,6 +123,7 @@ train_args=(
   --model_name_or_path "$POLICY_MODEL_PATH"
   --train_dataset_path "$TRAIN_DATASET_PATH"
   --test_dataset_path "$TEST_DATASET_PATH"
+  --dataset_split "$DATASET_SPLIT"
   --training_mode "$TRAINING_MODE"
   --preference_text "$PREFERENCE_TEXT"
   --preference_position "$PREFERENCE_POSITION"

@@ -35,6 +35,7 @@ LAUNCHER_VARIABLES = {
     "REFERENCE_MODEL_PATH": "reference_model_path",
     "TRAIN_DATASET_PATH": "train_dataset_path",
     "TEST_DATASET_PATH": "test_dataset_path",
+    "DATASET_SPLIT": "dataset_split",
     "TRAINING_MODE": "training_mode",
     "PREFERENCE_TEXT": "preference_text",
     "PREFERENCE_POSITION": "preference_position",
@@ -87,6 +88,13 @@ class DataArguments:
     test_dataset_path: str | None = field(
         default=str(REPO_ROOT / "data" / "preference_pairs" / "test.jsonl"),
         metadata={"help": "Held-out pairs for evaluation, same formats; empty for none."},
+    )
+    dataset_split: str = field(
+        default="train",
+        metadata={
+            "help": "The split a folder gives, named as `datasets` names splits: `train`, or e.g. `train_prefs`. A "
+            "test folder gives the matching test split (`test`, `test_prefs`)."
+        },
     )
 
 
@@ -300,6 +308,8 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
         problems.append(f"{describe('train_dataset_path')} is empty: give the training data file.")
     elif not os.path.exists(data.train_dataset_path):
         problems.append(f"{describe('train_dataset_path')}: no such file or folder {data.train_dataset_path!r}.")
+    if not data.dataset_split:
+        problems.append(f"{describe('dataset_split')} is empty: give a split name such as train.")
     if data.test_dataset_path and not os.path.exists(data.test_dataset_path):
         problems.append(
             f"{describe('test_dataset_path')}: no such file or folder {data.test_dataset_path!r} "

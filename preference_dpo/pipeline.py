@@ -81,7 +81,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config
 
-    from .data import load_preference_dataset
+    from .data import load_train_and_test
     from .metrics import TensorBoardMetricsCallback, ThroughputCallback
     from .trainer import PreferenceGuidedDPOTrainer
     from .views import PreferenceViewsCollator, load_prompt_embedding, tokenize_preference_dataset
@@ -109,14 +109,11 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         "max_prompt_length": train_args.max_prompt_length,
         "num_proc": train_args.dataset_num_proc,
     }
-    train_dataset = tokenize_preference_dataset(
-        load_preference_dataset(data_args.train_dataset_path), tokenizer, name="train", **tokenize_kwargs
-    )
+    train_pairs, test_pairs = load_train_and_test(data_args)
+    train_dataset = tokenize_preference_dataset(train_pairs, tokenizer, name="train", **tokenize_kwargs)
     eval_dataset = None
-    if data_args.test_dataset_path:
-        eval_dataset = tokenize_preference_dataset(
-            load_preference_dataset(data_args.test_dataset_path), tokenizer, name="test", **tokenize_kwargs
-        )
+    if test_pairs is not None:
+        eval_dataset = tokenize_preference_dataset(test_pairs, tokenizer, name="test", **tokenize_kwargs)
     elif train_args.eval_strategy != "no":
         logger.info("No test set: evaluation is off.")
         train_args.eval_strategy = "no"
