@@ -114,6 +114,7 @@ class ThroughputCallback(TrainerCallback):
     def __init__(self):
         self._window = None  # (time, step, tokens) at the start of the current logging window
         self._train_seconds = 0.0
+        self._timed_steps = 0  # steps inside closed logging windows: the ones `_train_seconds` covers
         self._tokens = 0
 
     def _pairs_per_step(self, args) -> int:
@@ -134,6 +135,7 @@ class ThroughputCallback(TrainerCallback):
             logs["samples_per_second"] = (state.global_step - step) * self._pairs_per_step(args) / seconds
             logs["tokens_per_second"] = (self._tokens - tokens) / seconds
         self._train_seconds += seconds
+        self._timed_steps += state.global_step - step
         self._window = (now, state.global_step, self._tokens)
 
     def on_evaluate(self, args, state, control, **kwargs):
@@ -143,10 +145,17 @@ class ThroughputCallback(TrainerCallback):
 
     def summary(self, args, state, wall_seconds: float) -> str:
         steps = state.global_step - self._start_step
-        pairs = steps * self._pairs_per_step(args)
-        train = max(self._train_seconds, 1e-9)
+        memory = f"peak memory {peak_memory_bytes() / 2**30:.2f} GiB"
+        if self._train_seconds <= 0:
+            # No logging window closed (fewer steps than LOGGING_STEPS): there is no measured time to divide by.
+            return (
+                f"wall {wall_seconds:.0f} s, {steps} steps, throughput not measured (no training step was logged; "
+                f"LOGGING_STEPS={args.logging_steps:g}), {memory}"
+            )
+        pairs = self._timed_steps * self._pairs_per_step(args)  # steps after the last log were not timed
+        train = self._train_seconds
         return (
             f"wall {wall_seconds:.0f} s, {steps} steps, {pairs / train:.2f} samples/s (pairs), "
             f"{self._tokens / train:.0f} tokens/s over {train:.0f} s of training steps (evaluation excluded, "
-            f"logged windows only), peak memory {peak_memory_bytes() / 2**30:.2f} GiB"
+            f"logged windows only), {memory}"
         )
