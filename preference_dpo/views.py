@@ -215,7 +215,16 @@ def tokenize_preference_dataset(
     conversational = isinstance(dataset[0]["prompt"], list)
     default_system = template_default_system(tokenizer) if conversational and not num_soft_tokens else ""
     if default_system and preference_position == "system":
-        logger.info("The chat template's default system message is kept; the instruction is appended to it.")
+        # Only prompts without a system message of their own get the default one (see insert_instruction).
+        n_default = sum(not (prompt and prompt[0]["role"] == "system") for prompt in dataset["prompt"])
+        if n_default:
+            logger.info(
+                "The chat template's default system message is kept in %d of %d %s prompts (those without a system "
+                "message of their own); the instruction is appended to it.",
+                n_default,
+                len(dataset),
+                name,
+            )
     tokenized = dataset.map(
         tokenize_views,
         fn_kwargs={

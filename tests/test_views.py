@@ -211,3 +211,16 @@ def test_collator_shared_prompt_layout():
     assert batch["guided_completion_ids"].tolist() == [[5, 6, 0], [8, 0, 0], [7, 0, 0], [9, 10, 11]]
     assert batch["guided_completion_attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]]
     assert "guided_input_ids" not in batch
+
+
+def test_default_system_message_log_counts_the_prompts_it_applies_to(tokenizer, caplog):
+    from datasets import Dataset
+
+    own = dict(CONV, prompt=[{"role": "system", "content": "You are kind."}, *CONV["prompt"]])
+    kwargs = dict(name="train", preference_text=P, preference_position="system", num_soft_tokens=0, max_length=300)
+    caplog.set_level("INFO", logger="preference_dpo.views")
+    tokenize_preference_dataset(Dataset.from_list([own, CONV]), tokenizer, max_prompt_length=128, **kwargs)
+    assert "default system message is kept in 1 of 2 train prompts" in caplog.text
+    caplog.clear()
+    tokenize_preference_dataset(Dataset.from_list([own, own]), tokenizer, max_prompt_length=128, **kwargs)
+    assert "default system message" not in caplog.text  # every prompt brings its own
