@@ -211,13 +211,14 @@ def _split_source(folder: Path, split: str, flag: str) -> Source:
     )
 
     def resolve(patterns: dict[str, list[str]]) -> dict[str, list[Path]]:
-        found = {}
+        absolute, found = os.path.abspath(folder), {}
         for name, pats in patterns.items():
             try:
                 files = DataFilesDict.from_patterns({name: pats}, base_path=str(folder))[name]
             except FileNotFoundError:
                 continue
-            files = [Path(f) for f in files if Path(f).suffix in DATA_SUFFIXES]
+            # `datasets` answers with absolute paths; errors and the log name files as the user named the folder.
+            files = [folder / os.path.relpath(f, absolute) for f in files if Path(f).suffix in DATA_SUFFIXES]
             if files:
                 found[str(name)] = sorted(files)
         return found

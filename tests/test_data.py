@@ -120,11 +120,12 @@ def _data_args(train, test=None, split="train"):
     return DataArguments(train_dataset_path=str(train), test_dataset_path=test and str(test), dataset_split=split)
 
 
-def test_a_folder_is_one_split_and_the_log_lists_its_files(caplog):
-    folder = DATA / "folder_splits"
+def test_a_folder_is_one_split_and_the_log_lists_its_files(caplog, monkeypatch):
+    monkeypatch.chdir(DATA)  # a relative folder, as users write it: files are named relative to it too
     caplog.set_level("INFO", logger="preference_dpo.data")
-    assert len(load_preference_dataset(folder)) == 3  # train.jsonl only, not test.jsonl
-    assert "train.jsonl" in caplog.text and "test.jsonl" not in caplog.text
+    assert len(load_preference_dataset("folder_splits")) == 3  # train.jsonl only, not test.jsonl
+    assert "from folder_splits (split 'train': 1 file: train.jsonl)" in caplog.text
+    assert "test.jsonl" not in caplog.text
 
 
 @pytest.mark.parametrize("test_path", ["folder", "file"])
