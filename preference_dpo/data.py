@@ -149,9 +149,12 @@ class Source:
     def describe(self) -> str:
         if self.path.is_file():
             return str(self.path)
-        what = f"split {self.split!r}" if self.split else "no split names: every file"
         if self.saved is not None:
-            return f"{self.path} ({what} of a `save_to_disk` folder)"
+            what = (
+                f"split {self.split!r} of a `save_to_disk` DatasetDict" if self.split else "a `save_to_disk` data set"
+            )
+            return f"{self.path} ({what})"
+        what = f"split {self.split!r}" if self.split else "no split names: every file"
         names = [str(f.relative_to(self.path)) for f in self.files]
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         return f"{self.path} ({what}: {len(names)} file{'s' if len(names) != 1 else ''}: {shown})"
@@ -166,8 +169,8 @@ def _missing_split(path: Path, split: str, splits, flag: str) -> UserInputError:
         else f"point {describe(flag)} at the held-out file, or set it empty for no evaluation"
     )
     return UserInputError(
-        f"{path}: no split {split!r} here; its splits are {', '.join(sorted(splits))} (as `datasets` names them "
-        f"from the file names); {hint}."
+        f"{path}: no split {split!r} here; its splits are {', '.join(sorted(splits))} (as `datasets` names them); "
+        f"{hint}."
     )
 
 
@@ -365,6 +368,10 @@ class DroppedPair(Exception):
 
     IDENTICAL = "whose 'chosen' and 'rejected' are identical"
     HH_PROMPTS_DIFFER = f"whose conversations differ before the last {HH_ASSISTANT.strip()!r} turn"
+    WHY = {
+        IDENTICAL: "a pair needs two different responses",
+        HH_PROMPTS_DIFFER: "the two replies answer different prompts",
+    }
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -507,16 +514,17 @@ def load_preference_dataset(path: str | os.PathLike, split: str = "train", name:
         )
     for reason, locations in notes.dropped.items():
         logger.warning(
-            "Dropped %d of %d %s pairs %s (first: %s): such a pair carries no preference.",
+            "Dropped %d of %d %s pairs %s (first: %s): %s.",
             len(locations),
             total,
             name,
             reason,
             locations[0],
+            DroppedPair.WHY[reason],
         )
     if notes.hh_split:
         logger.info(
-            "Split %d HH-RLHF transcripts after their last %r turn marker; in %d of them the responses start with the "
+            "Split %d HH-RLHF pairs after their last %r turn marker; in %d of them the responses start with the "
             "same words, which a longest-common-prefix split would have moved into the prompt.",
             notes.hh_split,
             HH_ASSISTANT,
