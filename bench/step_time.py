@@ -43,6 +43,11 @@ CONFIGS = {
 }
 
 
+# Dense bf16 peak (TFLOP/s, no sparsity) by a fragment of the device name, first match: the MFU denominator.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362),
+                    ("RTX 4090", 165), ("RTX 3090", 71))  # fmt: skip
+
+
 @dataclass
 class Shape:
     pairs: int = 4
@@ -177,6 +182,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFG")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench/results/<config>.json)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="GPU bf16 peak for MFU (default: by name)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -242,6 +248,10 @@ def main(argv=None) -> None:
                 runs[kind]["memory"].append(memory)
 
     flops_per_step = None
+    peak_tflops = args.peak_tflops
+    if cuda and peak_tflops is None:  # an unlisted GPU gets no MFU rather than a wrong one
+        name = torch.cuda.get_device_name()
+        peak_tflops = next((tflops for fragment, tflops in PEAK_BF16_TFLOPS if fragment in name), None)
     if cuda:
         params = sum(p.numel() for p in runs[args.kinds[0]]["trainer"].model.parameters())
         # Useful work of a plain DPO step with a frozen base: forward (2N per token) and the backward pass's
@@ -257,9 +267,8 @@ def main(argv=None) -> None:
             "peak_step_memory_bytes": max(run["memory"]),
             "tokens_per_s": tokens / median,
         }
-        if flops_per_step:
-            peak = 989e12  # H100/H200 dense bf16
-            results[kind]["mfu"] = flops_per_step / median / peak
+        if flops_per_step and peak_tflops:
+            results[kind]["mfu"] = flops_per_step / median / (peak_tflops * 1e12)
     base = results.get("A")
     if base:
         for r in results.values():
@@ -276,6 +285,7 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "trl", "peft")},
     }  # fmt: skip
+    meta["peak_bf16_tflops"] = peak_tflops
     output = args.output or REPO / "bench" / "results" / f"{args.config}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
