@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from trl import DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 
 from .checkpoints import last_complete_checkpoint, mark_complete
 from .errors import NonFiniteLossError
@@ -58,6 +57,44 @@ def capture_outputs(module: torch.nn.Module, fused_only: bool = True) -> Iterato
         handle.remove()
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode for a forward without gradient: no dropout (LoRA's included), so a target or a
+    teacher is not noisy; and no gradient checkpointing, which acts in training mode only, so it need not be
+    switched off and on again (switching it on adds a hook to the input embeddings every time)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def input_grad_hooks_kept(causal_lm: torch.nn.Module) -> Iterator[None]:
+    """Remove the input-embedding hooks that a gradient-checkpointing off/on inside the block duplicated.
+
+    TRL runs its on-the-fly reference forward (`--precompute_ref_log_probs false`) and its reference
+    precompute between `gradient_checkpointing_disable()` and `_enable()`. On a PEFT-wrapped model transformers'
+    turn-off removes no `enable_input_require_grads` hook and its turn-on registers new ones, so each batch
+    would leave one more hook behind. Acts only if the hooks from before are still registered.
+    """
+    before = getattr(causal_lm, "_require_grads_hooks", None)
+    try:
+        yield
+    finally:
+        after = getattr(causal_lm, "_require_grads_hooks", None)
+        if after is not before and before and all(_registered(handle) for handle in before):
+            for handle in after or ():
+                handle.remove()
+            causal_lm._require_grads_hooks = before
+
+
+def _registered(handle) -> bool:
+    hooks = handle.hooks_dict_ref()
+    return hooks is not None and handle.id in hooks
+
+
 def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256):
     """log p(target) for rows of hidden states through the LM head `weight`, `chunk` rows of logits at a time."""
     parts = [
@@ -86,6 +123,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         self.prompt_embedding = prompt_embedding
         self.nonfinite_batches_skipped = 0
         super().__init__(*args, **kwargs)
+        self._restore_lora_dropout()
         if uses_reference_target(self.args.align_loss):
             self.train_dataset = self._precompute_ref_guided_logps(self.train_dataset, "train")
             if self.eval_dataset is not None:
@@ -120,6 +158,26 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             REFERENCE_GUIDED_COLUMNS[1], torch.cat(rejected).tolist()
         )
 
+    def _restore_lora_dropout(self) -> None:
+        """Give the trained adapter's LoRA dropout back the rate LORA_DROPOUT set.
+
+        TRL's `disable_dropout` (on by default) sets every `nn.Dropout` to p=0, LoRA's included, which would
+        silently ignore LORA_DROPOUT. The base model's own dropout stays off, as TRL wants. LoRA dropout acts on
+        forwards in training mode, i.e. the policy's forward with gradient: the guided view and evaluation run
+        in eval mode (`evaluation_mode`), and the reference is the adapter disabled or a separate model.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        unwrapped, _ = self._unwrapped(self.model)
+        if not self.args.disable_dropout or not hasattr(unwrapped, "peft_config"):
+            return
+        for module in unwrapped.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for adapter in unwrapped.active_adapters:  # not an initial copy kept as "ref": it is never trained
+                if adapter in module.lora_dropout and isinstance(module.lora_dropout[adapter], torch.nn.Dropout):
+                    module.lora_dropout[adapter].p = unwrapped.peft_config[adapter].lora_dropout
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         # Written after every other file of the checkpoint: without it, resume ignores the folder.
@@ -150,7 +208,8 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         base, _ = split_views(inputs)
-        return super().compute_ref_log_probs(model, base)
+        with input_grad_hooks_kept(self._unwrapped(self.model)[1]):
+            return super().compute_ref_log_probs(model, base)
 
     # --- loss ---
 
@@ -160,12 +219,12 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         return embeds.masked_scatter(mask.unsqueeze(-1), soft.repeat(embeds.size(0), 1))
 
     def _guided_logps(self, model, guided: dict[str, torch.Tensor], return_hidden: bool = False):
-        """Summed response log-probs of the guided view, policy weights, no gradient.
+        """Summed response log-probs of the guided view: policy weights, no gradient, eval mode (no dropout).
 
         `return_hidden` (shared-prompt layout only) also returns the final hidden states at the response
         positions, ordered like the base view's (chosen rows, then rejected rows, tokens in order).
         """
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with torch.no_grad(), evaluation_mode(model):
             if "prompt_input_ids" in guided:
                 return self._guided_logps_shared_prompt(model, guided, return_hidden)
             return self._guided_logps_full(model, guided)
@@ -243,7 +302,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         distill = self.args.align_loss == "distill"
         # distill also needs the base view's final hidden states (with gradient), from the same forward
         backbone = capture_outputs(causal_lm.base_model, fused_only=False) if distill else contextlib.nullcontext()
-        with capture_outputs(unwrapped) as captured, backbone as backbone_outputs:
+        with capture_outputs(unwrapped) as captured, backbone as backbone_outputs, input_grad_hooks_kept(causal_lm):
             result = super()._compute_loss(model, base, return_outputs)
         dpo_loss = result[0] if return_outputs else result
         metrics = self._metrics[mode]

@@ -1,8 +1,9 @@
 """The two views of every pair (METHOD.md): base `x, y` and guided `x with p, y`.
 
-Both views share the exact completion token ids: the completion is tokenized once, with the base
-prompt as TRL does, and appended to both prompts. Completions are cut so that the *guided* sequence fits
-`max_length`, which makes the base sequence fit too and keeps the two views' completions identical.
+Both views share the exact completion token ids: each prompt is cut where its tokenization and that of
+prompt + completion part (TRL's rule), and a pair whose completion ids then differ between the views is
+dropped. Completions are cut so that the *guided* sequence fits `max_length`, which makes the base sequence
+fit too and keeps the two views' completions identical.
 
 - Text mode: `p` is text placed in the prompt (`insert_instruction`) and tokenized with it.
 - Embedding mode: `p` is `k` soft tokens. The guided prompt is the base prompt followed by `k`
@@ -141,6 +142,17 @@ def _ids(tokenizer, value, **chat_kwargs) -> list[int]:
     return list(tokenizer(text=value)["input_ids"])
 
 
+def _split(tokenizer, prompt, chosen, rejected, chat: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids), TRL's rule: the prompt ends where the tokenizations of `prompt`
+    and of `prompt + response` part (a trailing space, or a generation prompt the rendered assistant turn
+    spells differently, goes with the response)."""
+    prompt_ids = _ids(tokenizer, prompt, **chat)
+    prompt_chosen_ids = _ids(tokenizer, prompt + chosen)
+    prompt_rejected_ids = _ids(tokenizer, prompt + rejected)
+    n = min(common_prefix_length(prompt_ids, prompt_chosen_ids), common_prefix_length(prompt_ids, prompt_rejected_ids))
+    return prompt_ids[:n], prompt_chosen_ids[n:], prompt_rejected_ids[n:]
+
+
 def tokenize_views(
     example: dict[str, Any],
     tokenizer,
@@ -153,8 +165,10 @@ def tokenize_views(
     """Token ids of one pair's base prompt, guided prompt and the two shared completions.
 
     Mirrors TRL's DPO tokenization for the base view (chat template with generation prompt; EOS added to
-    plain-text completions; completion starts where prompt and prompt+completion diverge). Completions are
-    cut to `max_length - len(guided_prompt_ids)` tokens (`truncated` tells whether any was).
+    plain-text completions; completion starts where prompt and prompt+completion diverge). The guided prompt
+    is cut by the same rule against guided prompt + completion; `views_match` is false when the guided view's
+    completion ids then differ from the base view's (the pair cannot be scored on the same tokens in both).
+    Completions are cut to `max_length - len(guided_prompt_ids)` tokens (`truncated` tells whether any was).
     """
     prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
     conversational = isinstance(prompt, list)
@@ -163,21 +177,17 @@ def tokenize_views(
         chosen = chosen if chosen.endswith(eos) else chosen + eos
         rejected = rejected if rejected.endswith(eos) else rejected + eos
     chat = {"add_generation_prompt": True} if conversational else {}
-    prompt_ids = _ids(tokenizer, prompt, **chat)
-    prompt_chosen_ids = _ids(tokenizer, prompt + chosen)
-    prompt_rejected_ids = _ids(tokenizer, prompt + rejected)
-    prompt_len = min(
-        common_prefix_length(prompt_ids, prompt_chosen_ids), common_prefix_length(prompt_ids, prompt_rejected_ids)
-    )
-    chosen_ids = prompt_chosen_ids[prompt_len:]
-    rejected_ids = prompt_rejected_ids[prompt_len:]
-    prompt_ids = prompt_ids[:prompt_len]
+    prompt_ids, chosen_ids, rejected_ids = _split(tokenizer, prompt, chosen, rejected, chat)
 
+    views_match = True
     if num_soft_tokens:
         guided_prompt_ids = prompt_ids + [tokenizer.pad_token_id] * num_soft_tokens
     else:
-        guided_prompt = insert_instruction(example["prompt"], preference_text, preference_position, default_system)
-        guided_prompt_ids = _ids(tokenizer, guided_prompt, **chat)
+        guided_prompt = insert_instruction(prompt, preference_text, preference_position, default_system)
+        guided_prompt_ids, guided_chosen_ids, guided_rejected_ids = _split(
+            tokenizer, guided_prompt, chosen, rejected, chat
+        )
+        views_match = guided_chosen_ids == chosen_ids and guided_rejected_ids == rejected_ids
 
     room = max(max_length - len(guided_prompt_ids), 0)
     truncated = len(chosen_ids) > room or len(rejected_ids) > room
@@ -187,6 +197,7 @@ def tokenize_views(
         "chosen_ids": chosen_ids[:room],
         "rejected_ids": rejected_ids[:room],
         "truncated": truncated,
+        "views_match": views_match,
     }
 
 
@@ -202,7 +213,8 @@ def tokenize_preference_dataset(
     max_prompt_length: int,
     num_proc: int | None = None,
 ):
-    """Tokenize both views of every pair and drop pairs whose guided prompt exceeds `max_prompt_length`.
+    """Tokenize both views of every pair and drop pairs whose guided prompt exceeds `max_prompt_length`, and
+    pairs whose response ids differ between the two views (`tokenize_views`' `views_match`).
 
     The limit applies to the guided prompt (the longer one) so that runs with and without the aligned loss
     see the same pairs. Raises `UserInputError` if no pair is left.
@@ -240,6 +252,25 @@ def tokenize_preference_dataset(
         desc=f"Tokenizing both views of the {name} pairs",
     )
     total = len(tokenized)
+    mismatched = total - sum(tokenized["views_match"])
+    if mismatched == total:
+        raise UserInputError(
+            f"All {total} {name} pairs were dropped: their response tokens differ between the prompt with the "
+            "instruction and the prompt without it (the tokenizer or chat template renders the response differently "
+            "once the instruction is in), so the two views cannot score the same tokens; try PREFERENCE_POSITION="
+            f"{'user' if preference_position == 'system' else 'system'} or TRAINING_MODE=embedding."
+        )
+    if mismatched:
+        logger.warning(
+            "Dropped %d of %d %s pairs whose response tokens differ between the prompt with the instruction and the "
+            "prompt without it (the two views must score the same tokens).",
+            mismatched,
+            total,
+            name,
+        )
+        tokenized = tokenized.filter(lambda ex: ex["views_match"], num_proc=num_proc)
+        total = len(tokenized)
+    tokenized = tokenized.remove_columns("views_match")
     kept = tokenized.filter(
         lambda ex: len(ex["guided_prompt_ids"]) <= max_prompt_length,
         num_proc=num_proc,

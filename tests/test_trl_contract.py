@@ -35,7 +35,9 @@ def test_trl_methods_we_override_exist_with_expected_signatures():
     assert "per_token_logps.sum(dim=1)" in source
 
 
-def make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft=None, ref_model=None, **overrides):
+def make_trainer(
+    tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft=None, ref_model=None, lora_dropout=0.0, **overrides
+):
     from transformers import AutoModelForCausalLM
     from trl import get_peft_config
 
@@ -56,7 +58,7 @@ def make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft
         dataloader_num_workers=0,
         **overrides,
     )
-    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=0.0)
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=lora_dropout)
     k = 0 if soft is None else soft.shape[0]
     datasets = [
         tokenize_preference_dataset(

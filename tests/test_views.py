@@ -224,3 +224,108 @@ def test_default_system_message_log_counts_the_prompts_it_applies_to(tokenizer, 
     caplog.clear()
     tokenize_preference_dataset(Dataset.from_list([own, own]), tokenizer, max_prompt_length=128, **kwargs)
     assert "default system message" not in caplog.text  # every prompt brings its own
+
+
+# --- both views cut by the same rule (the guided prompt never keeps a token the response re-tokenizes) ---
+
+HH_EXPLICIT = {
+    "prompt": "\n\nHuman: What is the capital of France?\n\nAssistant: ",
+    "chosen": "Paris, of course.",
+    "rejected": "London, I think.",
+}
+HH_IMPLICIT = {
+    "chosen": "\n\nHuman: What is the capital of France?\n\nAssistant: Paris, of course.",
+    "rejected": "\n\nHuman: What is the capital of France?\n\nAssistant: London, I think.",
+}
+
+
+def think_tokenizer(tokenizer):
+    """The tiny tokenizer with a chat template whose generation prompt opens a `<think>` block that the rendered
+    assistant turn does not have (as in several current reasoning models)."""
+    import copy
+
+    from preference_dpo.tiny_model import QWEN25_CHAT_TEMPLATE
+
+    generation_prompt = "{{- '<|im_start|>assistant\\n' }}"
+    assert QWEN25_CHAT_TEMPLATE.count(generation_prompt) == 1
+    think = copy.deepcopy(tokenizer)
+    think.chat_template = QWEN25_CHAT_TEMPLATE.replace(generation_prompt, "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    return think
+
+
+def assert_views_differ_by_the_instruction_only(tokenizer, out, with_instruction):
+    """Both views score the same response ids, and the guided context is the base context with `P` inserted."""
+    base, guided = tokenizer.decode(out["prompt_ids"]), tokenizer.decode(out["guided_prompt_ids"])
+    assert guided == with_instruction(base)
+    # each view's ids are the tokenization of its whole sequence, split where the response starts
+    for key in ("chosen_ids", "rejected_ids"):
+        for prompt_key in ("prompt_ids", "guided_prompt_ids"):
+            whole = tokenizer(text=tokenizer.decode(out[prompt_key] + out[key]))["input_ids"]
+            assert whole == out[prompt_key] + out[key], (key, prompt_key)
+    assert out["views_match"]
+
+
+ANSWER_COLON = {"prompt": "Question: how do I boil an egg?\nAnswer: ", "chosen": "Boil it.", "rejected": "No."}
+
+
+@pytest.mark.parametrize("example", [HH_EXPLICIT, ANSWER_COLON], ids=["hh_assistant_colon", "answer_colon"])
+def test_plain_prompt_ending_in_a_space_is_cut_in_both_views(tokenizer, example):
+    """`"...Assistant: "` + `"Paris"` tokenizes as `"...Assistant:"` + `" Paris"`: the space belongs to the
+    response in both views, never twice to the guided sequence."""
+    out = tokenize_views(example, tokenizer, P, "system", 0, 300)
+    assert not tokenizer.decode(out["prompt_ids"]).endswith(" ")
+    assert_views_differ_by_the_instruction_only(tokenizer, out, lambda base: f"{P}\n\n{base}")
+    assert tokenizer.decode(out["chosen_ids"]).startswith(" ")
+
+
+def test_implicit_prompt_pair_views_differ_by_the_instruction_only(tokenizer):
+    from preference_dpo.data import normalize_row
+
+    example = normalize_row(HH_IMPLICIT, "hh line 1")
+    out = tokenize_views(example, tokenizer, P, "system", 0, 300)
+    assert_views_differ_by_the_instruction_only(tokenizer, out, lambda base: f"{P}\n\n{base}")
+    assert tokenizer.decode(out["chosen_ids"]) == " Paris, of course.<|im_end|>"
+
+
+def test_generation_prompt_the_assistant_turn_renders_differently_is_cut_in_both_views(tokenizer):
+    """Generation prompt `...assistant\\n<think>\\n`, assistant turn `...assistant\\n{content}`: both views end
+    where the two renderings part, so the guided sequence does not hold `<think>` the base one lacks."""
+    from preference_dpo.tiny_model import DEFAULT_SYSTEM_PROMPT
+    from preference_dpo.views import template_default_system
+
+    think = think_tokenizer(tokenizer)
+    out = tokenize_views(CONV, think, P, "system", 0, 300, default_system=template_default_system(think))
+    base, guided = think.decode(out["prompt_ids"]), think.decode(out["guided_prompt_ids"])
+    assert "<think>" not in guided and base.endswith("<|im_start|>assistant\n")
+    assert guided == base.replace(DEFAULT_SYSTEM_PROMPT, f"{DEFAULT_SYSTEM_PROMPT}\n\n{P}")
+    assert think.decode(out["chosen_ids"]).startswith("First, place the egg")
+    guided_prompt = [{"role": "system", "content": f"{DEFAULT_SYSTEM_PROMPT}\n\n{P}"}, *CONV["prompt"]]
+    for key, side in (("chosen_ids", "chosen"), ("rejected_ids", "rejected")):
+        whole = think.apply_chat_template(guided_prompt + CONV[side], tokenize=True, return_dict=True)["input_ids"]
+        assert list(whole) == out["guided_prompt_ids"] + out[key]
+    assert out["views_match"]
+
+
+def test_pairs_whose_responses_tokenize_differently_with_the_instruction_are_dropped(tokenizer, caplog):
+    """A template that renders the assistant turn differently when a system message is present: the two views
+    cannot score the same response ids, so the pair is dropped and counted (an error if no pair is left)."""
+    import copy
+
+    from datasets import Dataset
+
+    odd = copy.deepcopy(tokenizer)
+    odd.chat_template = (
+        "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+        "{%- if m.role == 'assistant' and messages[0].role == 'system' %}{{- '> ' }}{%- endif %}"
+        "{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    with_system = {**CONV, "prompt": [{"role": "system", "content": "Be kind."}, *CONV["prompt"]]}
+    kwargs = dict(name="train", preference_text=P, preference_position="system", num_soft_tokens=0, max_length=300)
+    with caplog.at_level("WARNING"):
+        kept = tokenize_preference_dataset(Dataset.from_list([CONV, with_system]), odd, max_prompt_length=200, **kwargs)
+    assert len(kept) == 1 and kept[0]["prompt_ids"] != tokenize_views(CONV, odd, P, "system", 0, 300)["prompt_ids"]
+    assert "views_match" not in kept.column_names
+    assert "Dropped 1 of 2 train pairs whose response tokens differ" in caplog.text
+    with pytest.raises(UserInputError, match=r"All 1 train pairs were dropped.*response tokens differ"):
+        tokenize_preference_dataset(Dataset.from_list([CONV]), odd, max_prompt_length=200, **kwargs)
