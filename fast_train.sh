@@ -173,16 +173,22 @@ if [[ "$DEVICE" == gpu ]]; then
   parse_gpu_nodes "$GPU_NODES"
   launcher=(deepspeed --master_port="$MASTER_PORT")
   if [[ ${#HOSTS[@]} -eq 1 ]] && is_this_machine "${HOSTS[0]}"; then
-    launcher+=(--include="${HOSTS[0]}:${NODE_IDS[${HOSTS[0]}]}")
+    # Without a hostfile DeepSpeed knows this machine only as `localhost` (127.0.0.1 or its name are refused).
+    launcher+=(--include="localhost:${NODE_IDS[${HOSTS[0]}]}")
   else
-    # Several nodes: a hostfile written for this run, one line per node with its GPU count.
+    # Other nodes: a hostfile written for this run, one line per node. DeepSpeed reads `slots=N` as GPUs
+    # 0..N-1 and checks --include against them, so N is the node's highest GPU id + 1 (node2:2,3 -> slots=4).
     hostfile="$LOG_DIR/runs/hostfile"
     mkdir -p "$LOG_DIR/runs"
     include=""
     : >"$hostfile"
     for host in "${HOSTS[@]}"; do
+      [[ "$host" != localhost && "$host" != 127.0.0.1 ]] || die "GPU_NODES='$GPU_NODES': '$host' names this machine" \
+        "in a run on several nodes, where the other nodes cannot reach it by that name; write $(hostname) instead."
       ids="${NODE_IDS[$host]}"
-      echo "$host slots=$(tr ',' '\n' <<<"$ids" | wc -l)" >>"$hostfile"
+      slots=0
+      for id in ${ids//,/ }; do (( id < slots )) || slots=$((id + 1)); done
+      echo "$host slots=$slots" >>"$hostfile"
       include="${include:+$include@}$host:$ids"
     done
     launcher+=(--hostfile="$hostfile" --include="$include" --master_addr="${MASTER_ADDR:-${HOSTS[0]}}")
@@ -190,6 +196,9 @@ if [[ "$DEVICE" == gpu ]]; then
       [[ "$NODE_RANK" =~ ^[0-9]+$ && "$NODE_RANK" -lt ${#HOSTS[@]} ]] ||
         die "NODE_RANK='$NODE_RANK' must be a node index from 0 to $((${#HOSTS[@]} - 1))."
       launcher+=(--no_ssh --node_rank="$NODE_RANK")
+    elif [[ ${#HOSTS[@]} -eq 1 ]]; then
+      # One other machine: DeepSpeed would start a single node here, on this machine; run it there over ssh.
+      launcher+=(--force_multi)
     fi
   fi
   # expandable_segments cuts fragmentation with the varying sequence lengths of preference batches.

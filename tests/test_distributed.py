@@ -3,6 +3,7 @@
 import json
 import os
 import shlex
+import socket
 import subprocess
 
 import pytest
@@ -26,35 +27,95 @@ def launcher_part(argv):
     return argv[start:end]
 
 
+def deepspeed_launch(argv, monkeypatch, gpus_per_node=8):
+    """Run DeepSpeed's own runner (`deepspeed.launcher.runner.main`) on the launcher's `deepspeed` arguments, up
+    to the point where it would start processes, on a machine with `gpus_per_node` GPUs. Returns the command it
+    would start and the world it hands to every node ({host: [GPU ids]}, decoded from `--world_info`)."""
+    import base64
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.launcher import runner
+
+    started = []
+
+    class Started:
+        returncode = 0
+
+        def __init__(self, cmd, env=None):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(get_accelerator(), "device_count", lambda: gpus_per_node)
+    for name in get_accelerator().visible_devices_envs():
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runner.subprocess, "Popen", Started)
+    monkeypatch.setattr(runner.subprocess, "check_call", lambda *a, **k: 0)  # the ssh reachability check
+    monkeypatch.setattr(runner.PDSHRunner, "backend_exists", lambda self: True)
+    runner.main([*launcher_part(argv)[1:], argv[argv.index("--deepspeed") - 1], "--deepspeed", "ds_config.json"])
+    (cmd,) = started
+    info = next(a for a in cmd if a.startswith("--world_info=")).split("=", 1)[1]
+    return cmd, json.loads(base64.urlsafe_b64decode(info))
+
+
 @pytest.mark.parametrize(
-    ("nodes", "expected"),
+    ("nodes", "expected", "world"),
     [
-        ("localhost:1,2", ["deepspeed", "--master_port=29500", "--include=localhost:1,2"]),
-        ("localhost:0,1,2,3", ["deepspeed", "--master_port=29500", "--include=localhost:0,1,2,3"]),
+        ("localhost:1,2", ["deepspeed", "--master_port=29500", "--include=localhost:1,2"], {"localhost": [1, 2]}),
+        ("localhost:0,1,2,3", ["deepspeed", "--master_port=29500", "--include=localhost:0,1,2,3"],
+         {"localhost": [0, 1, 2, 3]}),
+        # This machine by address or by name: DeepSpeed, without a hostfile, knows it only as `localhost`.
+        ("127.0.0.1:0", ["deepspeed", "--master_port=29500", "--include=localhost:0"], {"localhost": [0]}),
+        (f"{socket.gethostname()}:0,3", ["deepspeed", "--master_port=29500", "--include=localhost:0,3"],
+         {"localhost": [0, 3]}),
     ],
-)
-def test_single_node_forms(tmp_path, nodes, expected):
+)  # fmt: skip
+def test_single_node_forms(tmp_path, monkeypatch, nodes, expected, world):
     _, argv = dry_run(tmp_path, GPU_NODES=nodes)
+    cmd, decoded = deepspeed_launch(argv, monkeypatch)
+    assert decoded == world and cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]  # started here, no ssh
     assert launcher_part(argv) == expected
     assert argv[argv.index("--deepspeed") + 1] == str(REPO / "ds_config.json")
 
 
-def test_multi_node_form_writes_a_hostfile(tmp_path):
-    _, argv = dry_run(tmp_path, GPU_NODES="node1:0,1,node2:0,1", MASTER_PORT="29600")
-    hostfile = tmp_path / "logs" / "runs" / "hostfile"
-    assert hostfile.read_text() == "node1 slots=2\nnode2 slots=2\n"
-    assert launcher_part(argv) == [
-        "deepspeed", "--master_port=29600", f"--hostfile={hostfile}", "--include=node1:0,1@node2:0,1",
-        "--master_addr=node1",
-    ]  # fmt: skip
+@pytest.mark.parametrize(
+    ("nodes", "hostfile", "include", "world"),
+    [
+        ("node1:0,1,node2:0,1", "node1 slots=2\nnode2 slots=2\n", "node1:0,1@node2:0,1",
+         {"node1": [0, 1], "node2": [0, 1]}),
+        # DeepSpeed reads `slots=N` as GPUs 0..N-1: GPUs 2 and 3 need slots=4.
+        ("node1:0,1,node2:2,3", "node1 slots=2\nnode2 slots=4\n", "node1:0,1@node2:2,3",
+         {"node1": [0, 1], "node2": [2, 3]}),
+        # One other machine: still launched over ssh there, not here.
+        ("node1:0,1", "node1 slots=2\n", "node1:0,1", {"node1": [0, 1]}),
+    ],
+)  # fmt: skip
+def test_multi_node_form_writes_a_hostfile(tmp_path, monkeypatch, nodes, hostfile, include, world):
+    _, argv = dry_run(tmp_path, GPU_NODES=nodes, MASTER_PORT="29600")
+    cmd, decoded = deepspeed_launch(argv, monkeypatch)
+    assert decoded == world
+    written = tmp_path / "logs" / "runs" / "hostfile"
+    assert written.read_text() == hostfile
+    part = launcher_part(argv)
+    assert part[:4] == ["deepspeed", "--master_port=29600", f"--hostfile={written}", f"--include={include}"]
+    assert "--master_addr=node1" in part
+    assert cmd[:6] == ["pdsh", "-S", "-f", "1024", "-w", ",".join(world)]  # started on every node, over ssh
+    assert "--master_addr=node1" in cmd
 
 
-def test_multi_node_without_ssh_and_explicit_master(tmp_path):
+def test_multi_node_without_ssh_and_explicit_master(tmp_path, monkeypatch):
     _, argv = dry_run(tmp_path, GPU_NODES="a:0,b:3", NODE_RANK="1", MASTER_ADDR="10.0.0.5", ZERO_STAGE="3")
-    assert (tmp_path / "logs" / "runs" / "hostfile").read_text() == "a slots=1\nb slots=1\n"
+    cmd, decoded = deepspeed_launch(argv, monkeypatch)
+    assert decoded == {"a": [0], "b": [3]}
+    assert (tmp_path / "logs" / "runs" / "hostfile").read_text() == "a slots=1\nb slots=4\n"
     part = launcher_part(argv)
     assert part[-4:] == ["--include=a:0@b:3", "--master_addr=10.0.0.5", "--no_ssh", "--node_rank=1"]
     assert argv[argv.index("--deepspeed") + 1] == str(REPO / "ds_config_zero3.json")
+    # Started on this node only; DeepSpeed's launch.py then runs the ranks of node 1 ("b") on its GPU 3.
+    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
+    assert "--node_rank=1" in cmd and "--master_addr=10.0.0.5" in cmd
+    assert list(decoded)[1] == "b"
 
 
 @pytest.mark.parametrize(
@@ -69,6 +130,8 @@ def test_multi_node_without_ssh_and_explicit_master(tmp_path):
         ({"GPU_NODES": "localhost:1,"}, "empty entry"),
         ({"GPU_NODES": "node1:0,node1:1"}, "names host 'node1' twice"),
         ({"GPU_NODES": "a:0,b:0", "NODE_RANK": "2"}, "NODE_RANK='2' must be a node index from 0 to 1"),
+        ({"GPU_NODES": "localhost:0,node2:0"}, "'localhost' names this machine in a run on several nodes"),
+        ({"GPU_NODES": "node1:0,127.0.0.1:0"}, "'127.0.0.1' names this machine in a run on several nodes"),
         ({"ZERO_STAGE": "1"}, "ZERO_STAGE='1' must be 2 or 3"),
         ({"DEVICE": "cpu", "CPU_RANKS": "0"}, "CPU_RANKS='0' must be a whole number >= 1"),
     ],
