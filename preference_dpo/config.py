@@ -25,7 +25,8 @@ DEFAULT_RUN_NAME = "Preference_Guided_DPO"
 DEFAULT_PREFERENCE_TEXT = "Please provide a helpful, honest, harmless and concise answer."
 TRAINING_MODES = ("text", "embedding")
 PREFERENCE_POSITIONS = ("system", "user")
-ALIGN_LOSSES = ("hinge", "ref_hinge", "distill")
+ALIGN_LOSSES = ("hinge", "ref_hinge", "distill", "ref_distill")
+DISTILL_REDUCTIONS = ("token_mean", "sequence_sum")
 GUIDED_FORWARDS = ("shared_prompt", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -160,6 +161,22 @@ class PreferenceDPOConfig(DPOConfig):
             "choices": list(ALIGN_LOSSES),
         },
     )
+    distill_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "ALIGN_LOSS=ref_distill: keep the reference teacher's K most likely next tokens at every response "
+            "position, plus one bucket for the rest of the mass, computed once before training (no teacher forward "
+            "in the training steps). Empty: the exact KL over the vocabulary, with a reference forward every step."
+        },
+    )
+    distill_reduction: str = field(
+        default="token_mean",
+        metadata={
+            "help": "ALIGN_LOSS=distill or ref_distill: `token_mean` averages the KL over every response position of "
+            "the batch; `sequence_sum` sums it over each response, then averages over responses (DPO's scale).",
+            "choices": list(DISTILL_REDUCTIONS),
+        },
+    )
     guided_forward: str = field(
         default="shared_prompt",
         metadata={
@@ -256,6 +273,7 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
     _check_choice(problems, "align_loss", train.align_loss, ALIGN_LOSSES)
     _check_choice(problems, "precision", train.precision, PRECISIONS)
     _check_choice(problems, "guided_forward", train.guided_forward, GUIDED_FORWARDS)
+    _check_choice(problems, "distill_reduction", train.distill_reduction, DISTILL_REDUCTIONS)
     if train.training_mode == "text" and not train.preference_text.strip():
         problems.append(f"{describe('preference_text')} is empty: text mode needs the instruction text.")
     if train.training_mode == "embedding":
@@ -302,6 +320,7 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
         problems.append(f"{describe('align_loss')}=distill is not supported with ZeRO-3 (ZERO_STAGE=3) yet.")
     if train.align_loss == "distill" and train.guided_forward != "shared_prompt":
         problems.append(f"{describe('align_loss')}=distill needs --guided_forward shared_prompt.")
+    problems += _distill_problems(model, train, zero_stage)
     if train.ld_alpha is not None:
         problems.append("--ld_alpha is not supported: the aligned loss compares plain summed log-probs.")
     if not data.train_dataset_path:
@@ -341,6 +360,36 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
             describe("aligned_loss_weight"),
             train.aligned_loss_weight,
         )
+
+
+def _distill_problems(model: ModelArguments, train: PreferenceDPOConfig, zero_stage: int | None) -> list[str]:
+    """Problems with ALIGN_LOSS=ref_distill and the distillation options."""
+    problems = []
+    form = f"{describe('align_loss')}=ref_distill"
+    if train.align_loss == "ref_distill":
+        if zero_stage == 3:
+            problems.append(f"{form} is not supported with ZeRO-3 (ZERO_STAGE=3) yet.")
+        if train.guided_forward != "shared_prompt":
+            problems.append(f"{form} needs --guided_forward shared_prompt.")
+        if train.distill_top_k is None and not model.use_peft and not model.reference_model_path:
+            problems.append(
+                f"{form} without LoRA has no frozen reference to run in every step: set "
+                f"{describe('reference_model_path')} or --distill_top_k (the teacher precomputed before training)."
+            )
+    if train.distill_top_k is not None:
+        if train.align_loss != "ref_distill":
+            problems.append(
+                f"--distill_top_k needs a fixed teacher, {form}; with {describe('align_loss')}={train.align_loss} "
+                "leave it empty."
+            )
+        if train.distill_top_k < 1:
+            problems.append(f"--distill_top_k must be >= 1; got {train.distill_top_k}. Typical: 16 to 64.")
+    if train.distill_reduction != "token_mean" and train.align_loss not in ("distill", "ref_distill"):
+        problems.append(
+            f"--distill_reduction applies to {describe('align_loss')}=distill or ref_distill; with "
+            f"{train.align_loss} leave it at token_mean."
+        )
+    return problems
 
 
 def _zero_stage(deepspeed) -> int | None:

@@ -10,12 +10,18 @@ Inputs are per-pair summed log-probs of the response tokens, shape [batch]:
                  = mean(relu(h_ref_pref - h_base))                  ("ref_hinge")
     loss         = dpo_loss + alpha * aligned_loss
 
+The distillation forms compare next-token distributions at every response position t ("Aligned-loss forms
+beyond the hinge" in docs/method.md): `distill` against the policy's own instructed distribution,
+`ref_distill` against the frozen reference's, exactly (`token_kl`) or through its top-K ids and one bucket
+for the rest of the mass (`topk_token_kl`); `reduce_token_kl` turns the per-position values into the loss.
+
 The trainer takes `dpo_loss` from TRL (any TRL `loss_type`); `dpo_sigmoid_loss` here is the reference
 formula the tests hold TRL's value to.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +60,14 @@ def aligned_loss(kind: str, target: torch.Tensor, h_base: torch.Tensor) -> torch
     return ALIGNED_LOSSES[kind][0](target, h_base)
 
 
+# forms that compare next-token distributions (`token_kl`, `topk_token_kl`) instead of margins
+DISTILL_FORMS = ("distill", "ref_distill")
+
+
 def uses_reference_target(kind: str) -> bool:
-    """`ref_hinge`: the target is the reference's precomputed margin ("distill" is no margin form)."""
-    return kind in ALIGNED_LOSSES and ALIGNED_LOSSES[kind][1]
+    """`ref_hinge` and `ref_distill`: the pairs' target margin is the frozen reference's instructed margin
+    (`aligned_active_frac` compares it with h_base); `hinge` and `distill` use the policy's own."""
+    return kind == "ref_distill" or (kind in ALIGNED_LOSSES and ALIGNED_LOSSES[kind][1])
 
 
 @dataclass(frozen=True)
@@ -107,22 +118,86 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
 
 
-def chunked_distill_kl(
-    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, lm_head_weight: torch.Tensor, chunk: int = 256
-) -> torch.Tensor:
-    """`distill_kl` of the logits `hidden @ lm_head_weight.T`, `chunk` rows at a time.
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)) of every row (response position), shape [rows]; the teacher
+    is detached. `distill_kl` is its mean."""
+    teacher = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(dim=-1)
 
-    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so memory stays at
-    one chunk of [chunk, vocab] logits however many response tokens and however large the vocabulary.
+
+# The smallest probability mass the top-K bucket takes: log(1e-30). It keeps log q_R and log s_R finite when
+# the K ids hold (nearly) all the mass, K = |V| included, where the bucket term is then 1e-30 * 0 = 0.
+LOG_MASS_FLOOR = math.log(1e-30)
+
+
+def log_rest_mass(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum of the probabilities of `ids`) per row, clamped smoothly at `LOG_MASS_FLOOR`.
+
+    Computed as the logsumexp of the log-probs outside `ids` (no cancellation in 1 - sum when the K ids hold
+    almost all the mass), plus the floor: log(R + 1e-30).
+    """
+    masked = log_probs.scatter(-1, ids, float("-inf"))
+    floor = torch.full_like(masked[..., 0], LOG_MASS_FLOOR)
+    return torch.logaddexp(masked.logsumexp(dim=-1), floor)
+
+
+@torch.no_grad()
+def topk_teacher(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's K most likely ids per row, their log-probs ([rows, K] each) and log q_R ([rows])."""
+    log_probs = torch.log_softmax(teacher_logits.float(), dim=-1)
+    top_logps, ids = log_probs.topk(k, dim=-1)
+    return ids, top_logps, log_rest_mass(log_probs, ids)
+
+
+def topk_token_kl(
+    student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logps: torch.Tensor, teacher_log_rest: torch.Tensor
+) -> torch.Tensor:
+    """KL_K per row: the KL between teacher and student over the teacher's top-K ids plus one bucket for the rest.
+
+    With S the K ids, q the teacher's and s the student's probabilities (docs/method.md, "Top-K teacher"):
+    `KL_K = sum_{v in S} q_v (log q_v - log s_v) + q_R (log q_R - log s_R)`, q_R = 1 - sum_S q_v and
+    s_R = 1 - sum_S s_v, both in log space and floored at 1e-30 (`log_rest_mass`). K = |V| is the exact KL.
+    Its gradient in the student logits z_j is `s_j - q_j` for j in S and `s_j - q_R s_j / s_R` outside it.
+    """
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    ids = teacher_ids.long()
+    q_top, q_rest = teacher_logps.detach().float(), teacher_log_rest.detach().float()
+    top = (q_top.exp() * (q_top - student.gather(-1, ids))).sum(dim=-1)
+    return top + q_rest.exp() * (q_rest - log_rest_mass(student, ids))
+
+
+DISTILL_REDUCTIONS = ("token_mean", "sequence_sum")
+
+
+def reduce_token_kl(per_token: torch.Tensor, lengths: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The distillation loss from the KL at every response position (rows: response after response).
+
+    `token_mean`: the mean over all positions of the batch. `sequence_sum`: each response's sum, then the mean
+    over the responses (`lengths`: positions per response; an empty response counts as 0), the scale of DPO's
+    summed log-probs, so a trait decided at one token is not divided by the response length.
+    """
+    if reduction == "token_mean":
+        return per_token.sum() / max(per_token.numel(), 1)
+    if reduction == "sequence_sum":
+        response = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        sums = per_token.new_zeros(lengths.numel()).index_add(0, response, per_token)
+        return sums.mean()
+    raise ValueError(f"unknown distill reduction {reduction!r}; expected one of {DISTILL_REDUCTIONS}")
+
+
+def chunked_rows(fn, *rows: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """`fn(*row_chunks)` ([n] per chunk of n rows) over `chunk` rows at a time, concatenated.
+
+    Each chunk is recomputed in the backward pass (activation checkpointing), so the [chunk, vocab] logits
+    that `fn` makes from hidden states are alive for one chunk at a time, whatever the number of response
+    positions and the vocabulary size.
     """
     from torch.utils.checkpoint import checkpoint
 
-    def chunk_sum(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return distill_kl(s @ w.T, t @ w.T) * s.size(0)
-
-    rows = student_hidden.size(0)
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows, chunk):
-        s, t = student_hidden[start : start + chunk], teacher_hidden[start : start + chunk].detach()
-        total = total + checkpoint(chunk_sum, s, t, lm_head_weight, use_reentrant=False)
-    return total / max(rows, 1)
+    total = rows[0].size(0)
+    parts = [
+        checkpoint(fn, *(r[start : start + chunk] for r in rows), use_reentrant=False)
+        for start in range(0, total, chunk)
+    ]
+    return torch.cat(parts) if parts else rows[0].new_zeros(0, dtype=torch.float32)

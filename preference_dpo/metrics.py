@@ -25,6 +25,7 @@ METRIC_TAGS: dict[str, tuple[str, str]] = {
     "hinge_loss": ("loss_components/hinge_loss", "loss_components_eval/hinge_loss"),
     "ref_hinge_loss": ("loss_components/ref_hinge_loss", "loss_components_eval/ref_hinge_loss"),
     "distill_loss": ("loss_components/distill_loss", "loss_components_eval/distill_loss"),
+    "ref_distill_loss": ("loss_components/ref_distill_loss", "loss_components_eval/ref_distill_loss"),
     "rewards/accuracies": ("rewards_train/accuracy", "rewards_eval/accuracy"),
     "rewards/chosen": ("rewards_train/chosen", "rewards_eval/chosen"),
     "rewards/rejected": ("rewards_train/rejected", "rewards_eval/rejected"),

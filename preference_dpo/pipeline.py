@@ -17,6 +17,7 @@ from pathlib import Path
 from .checkpoints import RUN_CONFIG_NAME, StopOnSignal, clear_previous_run, move_into, resolve_resume
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
 from .errors import TrainingInterrupted, UserInputError
+from .teacher import TEACHER_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,12 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     config = check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote)
     if model_args.reference_model_path:
         check_causal_lm(model_args.reference_model_path, "reference_model_path", remote)
+    vocab_size = config.get_text_config().vocab_size
+    if train_args.distill_top_k and train_args.distill_top_k > vocab_size:
+        raise UserInputError(
+            f"--distill_top_k {train_args.distill_top_k} exceeds the model's vocabulary ({vocab_size} tokens); "
+            f"use at most {vocab_size} (the exact KL)."
+        )
     prompt_embedding = None
     if train_args.training_mode == "embedding":
         prompt_embedding = load_prompt_embedding(train_args.prompt_embedding_path, config.get_text_config().hidden_size)
@@ -214,3 +221,4 @@ def save_outputs(trainer, tokenizer, base_config, data_args, model_args, train_a
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         shutil.rmtree(output_dir / TOKENIZED_DIR, ignore_errors=True)  # a per-run cache, rebuilt on every start
+        shutil.rmtree(output_dir / TEACHER_DIR, ignore_errors=True)  # kept until now for resuming (teacher.py)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,13 +26,19 @@ from trl import DPOTrainer
 from .checkpoints import last_complete_checkpoint, mark_complete
 from .errors import NonFiniteLossError
 from .losses import (
+    DISTILL_FORMS,
     aligned_active,
     aligned_loss,
-    chunked_distill_kl,
+    chunked_rows,
     pref_advantage_ratio,
     preference_stats,
+    reduce_token_kl,
+    token_kl,
+    topk_teacher,
+    topk_token_kl,
     uses_reference_target,
 )
+from .teacher import TEACHER_COLUMNS
 from .views import split_views
 
 logger = logging.getLogger(__name__)
@@ -124,25 +131,29 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         self.nonfinite_batches_skipped = 0
         super().__init__(*args, **kwargs)
         self._restore_lora_dropout()
-        if uses_reference_target(self.args.align_loss):
-            self.train_dataset = self._precompute_ref_guided_logps(self.train_dataset, "train")
+        precompute = None
+        if self.args.align_loss == "ref_distill" and self.args.distill_top_k:
+            precompute = self._precompute_topk_teacher
+        elif (
+            self.args.align_loss == "ref_distill" and self.ref_model is None and not hasattr(self.model, "peft_config")
+        ):
+            raise ValueError("ALIGN_LOSS=ref_distill without LoRA needs a reference model or --distill_top_k.")
+        elif uses_reference_target(self.args.align_loss) and self.args.align_loss != "ref_distill":
+            precompute = self._precompute_ref_guided_logps  # ref_hinge; exact ref_distill scores it every step
+        if precompute is not None:
+            self.train_dataset = precompute(self.train_dataset, "train")
             if self.eval_dataset is not None:
-                self.eval_dataset = self._precompute_ref_guided_logps(self.eval_dataset, "eval")
+                self.eval_dataset = precompute(self.eval_dataset, "eval")
 
     def _precompute_ref_guided_logps(self, dataset, name: str):
         """The reference model's guided-view log-probs of every pair, once, as two new columns (`ref_hinge`)."""
         from torch.utils.data import DataLoader
-        from trl.trainer.utils import use_adapter
 
         loader = self.accelerator.prepare(
             DataLoader(dataset, batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size,
                        collate_fn=self.data_collator, shuffle=False, num_workers=self.args.dataloader_num_workers)
         )  # fmt: skip
-        model = self.ref_model or getattr(self, "_precompute_engine", None) or self.model
-        adapter_off = contextlib.nullcontext()
-        unwrapped, _ = self._unwrapped(self.model)
-        if self.ref_model is None and hasattr(unwrapped, "peft_config"):
-            adapter_off = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        model, adapter_off = self._reference(getattr(self, "_precompute_engine", None) or self.model)
         chosen, rejected = [], []
         was_training = self.model.training
         self.model.eval()
@@ -178,6 +189,63 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
                 if adapter in module.lora_dropout and isinstance(module.lora_dropout[adapter], torch.nn.Dropout):
                     module.lora_dropout[adapter].p = unwrapped.peft_config[adapter].lora_dropout
 
+    def _reference(self, model):
+        """(the frozen reference to call, the context that makes it one): the separate reference model, or
+        `model` (the policy) with its LoRA adapter off, as TRL's reference (its "ref" adapter, if it has one)."""
+        from trl.trainer.utils import use_adapter
+
+        if self.ref_model is not None:
+            return self.ref_model, contextlib.nullcontext()
+        unwrapped, _ = self._unwrapped(self.model)
+        if hasattr(unwrapped, "peft_config"):
+            return model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return model, contextlib.nullcontext()  # no adapter: the policy before training (precompute only)
+
+    def _precompute_topk_teacher(self, dataset, name: str):
+        """The reference's top-K guided teacher of every pair, once, as new columns (`teacher.py`)."""
+        from accelerate.utils import broadcast_object_list
+        from trl.trainer.utils import hash_module
+
+        from .teacher import TEACHER_DIR, precompute_columns, split_rows, store_key
+
+        policy = getattr(self, "_precompute_engine", None) or self.model
+        model_hash = getattr(self, "_precompute_model_hash", None) or hash_module(self.ref_model or self.model)
+        key = [store_key(dataset, self.args.distill_top_k, model_hash, self.prompt_embedding)]
+        broadcast_object_list(key, from_process=0)  # one store for all ranks
+        _, teacher_lm = self._unwrapped(self._reference(policy)[0])
+
+        def score(examples):
+            _, guided = split_views(self._prepare_inputs(self.data_collator(examples)))
+            model, adapter_off = self._reference(policy)
+            with adapter_off:
+                chosen, rejected, hidden = self._guided_logps(model, guided, return_hidden=True)
+            rows = [topk_teacher(self._head_logits(teacher_lm, h), self.args.distill_top_k) for h in hidden.split(256)]
+            ids, logps, log_rest = (torch.cat(part) for part in zip(*rows, strict=True))
+            teacher_chosen, teacher_rejected = split_rows(
+                ids, logps, log_rest, guided["completion_attention_mask"].sum(1)
+            )
+            return {
+                "teacher_chosen": teacher_chosen, "teacher_rejected": teacher_rejected,
+                REFERENCE_GUIDED_COLUMNS[0]: chosen.float().tolist(), REFERENCE_GUIDED_COLUMNS[1]: rejected.float().tolist(),
+            }  # fmt: skip
+
+        was_training = self.model.training
+        self.model.eval()
+        dataset = precompute_columns(
+            dataset, name=name, folder=os.path.join(self.args.output_dir, TEACHER_DIR), key=key[0],
+            batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size, score=score,
+            accelerator=self.accelerator,
+        )  # fmt: skip
+        self.model.train(was_training)
+        logger.info(
+            "Top-%d teacher of the reference for %d %s pairs ready", self.args.distill_top_k, len(dataset), name
+        )
+        return dataset
+
+    def _head_logits(self, causal_lm, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of final hidden states through the model's LM head (the distillation forms)."""
+        return hidden @ causal_lm.get_output_embeddings().weight.T
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         # Written after every other file of the checkpoint: without it, resume ignores the folder.
@@ -203,7 +271,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = (*GUIDED_COLUMNS, *REFERENCE_GUIDED_COLUMNS)
+        extra = (*GUIDED_COLUMNS, *REFERENCE_GUIDED_COLUMNS, *TEACHER_COLUMNS)
         self._signature_columns = [*self._signature_columns, *(c for c in extra if c not in self._signature_columns)]
 
     def compute_ref_log_probs(self, model, inputs):
@@ -299,8 +367,8 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         base, guided = split_views(inputs)
         unwrapped, causal_lm = self._unwrapped(model)
-        distill = self.args.align_loss == "distill"
-        # distill also needs the base view's final hidden states (with gradient), from the same forward
+        distill = self.args.align_loss in DISTILL_FORMS
+        # the distill forms also need the base view's final hidden states (with gradient), from the same forward
         backbone = capture_outputs(causal_lm.base_model, fused_only=False) if distill else contextlib.nullcontext()
         with capture_outputs(unwrapped) as captured, backbone as backbone_outputs, input_grad_hooks_kept(causal_lm):
             result = super()._compute_loss(model, base, return_outputs)
@@ -310,17 +378,23 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         metrics["dpo_loss"].append(gather(dpo_loss.detach()).mean().item())
 
         loss = dpo_loss
-        aligned = None
+        aligned = teacher = None
         weight = self.args.aligned_loss_weight
         reference_target = uses_reference_target(self.args.align_loss)
-        # Training with ALPHA=0 is plain DPO, and `ref_hinge` reads its target from the precomputed
-        # reference: both skip the guided forward. Evaluation always measures the guided view.
+        # Training with ALPHA=0 is plain DPO, and `ref_hinge` and `ref_distill` take their target and teacher
+        # from the reference: both skip the policy's guided forward. Evaluation always measures the guided view.
         policy_guided = mode == "eval" or (weight > 0 and not reference_target)
         if weight > 0 or mode == "eval":
             base_chosen, base_rejected = sequence_logps(captured[0].log_probs, base["completion_mask"])
             h_base = base_chosen - base_rejected
+            if self.args.align_loss == "ref_distill" and not self.args.distill_top_k:  # exact: the teacher runs now
+                reference, adapter_off = self._reference(model)
+                with adapter_off:
+                    guided["ref_chosen_logps"], guided["ref_rejected_logps"], teacher = self._guided_logps(
+                        reference, guided, return_hidden=True
+                    )
             if policy_guided:
-                if distill:
+                if self.args.align_loss == "distill":
                     guided_chosen, guided_rejected, teacher = self._guided_logps(model, guided, return_hidden=True)
                 else:
                     guided_chosen, guided_rejected = self._guided_logps(model, guided)
@@ -333,9 +407,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             else:
                 target = guided_chosen - guided_rejected
             if distill:
-                response = base["completion_mask"][:, 1:].bool()
-                student = backbone_outputs[0].last_hidden_state[:, :-1][response]
-                aligned = chunked_distill_kl(student, teacher, causal_lm.get_output_embeddings().weight)
+                aligned = self._distill_loss(base, guided, backbone_outputs[0], causal_lm, teacher)
             else:
                 aligned = aligned_loss(self.args.align_loss, target, h_base)
             if weight > 0:
@@ -346,6 +418,36 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         if mode == "train":
             loss = self._check_finite(loss, dpo_loss, aligned)
         return (loss, result[1]) if return_outputs else loss
+
+    def _distill_loss(self, base, guided, student_outputs, causal_lm, teacher_hidden) -> torch.Tensor:
+        """`distill` / `ref_distill`: the KL at every base-view response position, reduced per --distill_reduction.
+
+        The student is the base view's final hidden states of TRL's forward (with gradient). The teacher is the
+        guided view's final hidden states (`distill`; exact `ref_distill`, from the reference and through its
+        own LM head), or the precomputed top-K rows of the batch (`ref_distill --distill_top_k`).
+        """
+        response = base["completion_mask"][:, 1:].bool()
+        lengths = response.sum(1)
+        student = student_outputs.last_hidden_state[:, :-1][response]
+
+        def student_logits(hidden):
+            return self._head_logits(causal_lm, hidden)
+
+        if "teacher_ids" in guided:
+            if not torch.equal(guided["teacher_lengths"].to(lengths.device), lengths):
+                raise RuntimeError("The precomputed teacher's response positions differ from the batch's.")
+            per_token = chunked_rows(
+                lambda s, i, lp, r: topk_token_kl(student_logits(s), i, lp, r),
+                student, guided["teacher_ids"], guided["teacher_logps"], guided["teacher_log_rest"],
+            )  # fmt: skip
+        else:
+            teacher_lm = causal_lm
+            if self.args.align_loss == "ref_distill" and self.ref_model is not None:
+                teacher_lm = self._unwrapped(self.ref_model)[1]
+            per_token = chunked_rows(
+                lambda s, t: token_kl(student_logits(s), self._head_logits(teacher_lm, t)), student, teacher_hidden
+            )
+        return reduce_token_kl(per_token, lengths, self.args.distill_reduction)
 
     def _check_finite(self, loss, dpo_loss, aligned):
         """Stop with an error on a NaN/Inf loss, or skip the batch with `--skip_nonfinite_batches`."""

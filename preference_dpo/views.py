@@ -327,6 +327,10 @@ class PreferenceViewsCollator(DataCollatorForPreference):
         if "ref_guided_chosen_logps" in examples[0]:  # ALIGN_LOSS=ref_hinge: the reference's guided view
             for side in ("chosen", "rejected"):
                 batch[f"guided_ref_{side}_logps"] = torch.tensor([ex[f"ref_guided_{side}_logps"] for ex in examples])
+        if "teacher_chosen" in examples[0]:  # ALIGN_LOSS=ref_distill --distill_top_k: the precomputed teacher
+            from .teacher import collate_teacher
+
+            batch.update(collate_teacher(examples))
         if self.guided_forward == "shared_prompt":
             batch.update(self._shared_prompt_view(examples))
             return batch

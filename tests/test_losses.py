@@ -110,17 +110,128 @@ def test_distill_kl_hand_computed_and_gradient_only_through_the_student():
     assert distill_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_chunked_distill_equals_unchunked_in_value_and_gradient():
-    from preference_dpo.losses import chunked_distill_kl, distill_kl
+def test_chunked_rows_equal_unchunked_in_value_and_gradient():
+    """The per-position KL through an LM head, 3 rows at a time (recomputed in backward), equals one pass."""
+    from preference_dpo.losses import chunked_rows, token_kl
 
     gen = torch.Generator().manual_seed(0)
     student = torch.randn(7, 5, generator=gen, requires_grad=True)
     teacher = torch.randn(7, 5, generator=gen)
     weight = torch.randn(11, 5, generator=gen, requires_grad=True)
-    full = distill_kl(student @ weight.T, teacher @ weight.T)
-    chunked = chunked_distill_kl(student, teacher, weight, chunk=3)  # 3 + 3 + 1 rows
-    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
-    grads_full = torch.autograd.grad(full, (student, weight))
-    grads_chunked = torch.autograd.grad(chunked, (student, weight))
+    full = token_kl(student @ weight.T, teacher @ weight.T)
+    chunked = chunked_rows(lambda s, t: token_kl(s @ weight.T, t @ weight.T), student, teacher, chunk=3)  # 3 + 3 + 1
+    torch.testing.assert_close(chunked, full)
+    grads_full = torch.autograd.grad(full.sum(), (student, weight))
+    grads_chunked = torch.autograd.grad(chunked.sum(), (student, weight))
     for a, b in zip(grads_full, grads_chunked, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_token_kl_is_the_per_row_distill_kl():
+    from preference_dpo.losses import distill_kl, token_kl
+
+    gen = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
+    assert token_kl(student, teacher).mean().item() == pytest.approx(distill_kl(student, teacher).item(), rel=1e-6)
+
+
+def test_topk_kl_hand_computed_value_and_gradient():
+    """V = 3, teacher q = [1/2, 1/3, 1/6], student s = [1/3, 1/3, 1/3] (logits 0).
+
+    K = 1: S = {0}, q_R = 1/2, s_R = 2/3:
+      KL_1 = 1/2 ln((1/2)/(1/3)) + 1/2 ln((1/2)/(2/3)) = 1/2 ln(9/8) = 0.0588915
+      d/dz = [s_0 - q_0, s_1 - q_R s_1/s_R, s_2 - q_R s_2/s_R] = [-1/6, 1/12, 1/12]
+    K = 2 (one id left in the bucket) and K = 3 are the exact KL:
+      1/2 ln(3/2) + 1/3 ln(1) + 1/6 ln(1/2) = 0.202733 - 0.115525 = 0.087208, gradient s - q = [-1/6, 0, 1/6]
+    """
+    from preference_dpo.losses import topk_teacher, topk_token_kl
+
+    teacher_logits = torch.log(torch.tensor([[1 / 2, 1 / 3, 1 / 6]]))
+    expected = {1: (0.5 * math.log(9 / 8), [-1 / 6, 1 / 12, 1 / 12]), 2: (0.087208, [-1 / 6, 0.0, 1 / 6])}
+    expected[3] = expected[2]
+    assert expected[1][0] == pytest.approx(0.0588915, abs=1e-7)
+    assert 0.5 * math.log(1.5) + math.log(0.5) / 6 == pytest.approx(0.087208, abs=1e-6)
+    for k, (value, gradient) in expected.items():
+        ids, logps, log_rest = topk_teacher(teacher_logits, k)
+        student = torch.zeros(1, 3, requires_grad=True)
+        kl = topk_token_kl(student, ids, logps, log_rest)
+        assert kl.item() == pytest.approx(value, abs=1e-6), k
+        kl.sum().backward()
+        torch.testing.assert_close(student.grad, torch.tensor([gradient]), atol=1e-6, rtol=0)
+
+
+def test_topk_kl_with_k_equal_to_the_vocabulary_is_the_exact_kl():
+    """Every id kept: the bucket is empty (q_R = s_R = 0, floored), and value and gradient are exact; no NaN."""
+    from preference_dpo.losses import LOG_MASS_FLOOR, token_kl, topk_teacher, topk_token_kl
+
+    gen = torch.Generator().manual_seed(2)
+    student = (torch.randn(5, 11, generator=gen) * 3).requires_grad_()
+    teacher = torch.randn(5, 11, generator=gen) * 3
+    ids, logps, log_rest = topk_teacher(teacher, 11)
+    assert torch.allclose(log_rest, torch.full((5,), LOG_MASS_FLOOR))
+    approx = topk_token_kl(student, ids, logps, log_rest)
+    exact = token_kl(student, teacher)
+    torch.testing.assert_close(approx, exact, atol=1e-6, rtol=1e-5)
+    (g_approx,) = torch.autograd.grad(approx.sum(), student)
+    (g_exact,) = torch.autograd.grad(exact.sum(), student)
+    assert torch.isfinite(g_approx).all()
+    torch.testing.assert_close(g_approx, g_exact, atol=1e-6, rtol=1e-5)
+
+
+def test_topk_kl_matches_an_independent_float64_computation():
+    """KL_K from probabilities (1 - sum, no log space), and its closed-form gradient
+    s_j - q_j (j in S), s_j - q_R s_j / s_R (j outside), against the log-space float32 function."""
+    import numpy as np
+
+    from preference_dpo.losses import topk_teacher, topk_token_kl
+
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(6, 9, generator=gen) * 2
+    teacher = torch.randn(6, 9, generator=gen) * 2
+    k = 3
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    q, s = softmax(teacher.double().numpy()), softmax(student.double().numpy())
+    top = np.argsort(-q, axis=-1)[:, :k]
+    in_s = np.zeros_like(q, dtype=bool)
+    np.put_along_axis(in_s, top, True, axis=-1)
+    q_rest, s_rest = 1 - (q * in_s).sum(-1), 1 - (s * in_s).sum(-1)
+    want = (np.where(in_s, q * np.log(q / s), 0.0)).sum(-1) + q_rest * np.log(q_rest / s_rest)
+    want_grad = np.where(in_s, s - q, s - (q_rest / s_rest)[:, None] * s)
+
+    ids, logps, log_rest = topk_teacher(teacher, k)
+    assert sorted(ids[0].tolist()) == sorted(top[0].tolist())
+    np.testing.assert_allclose(log_rest.exp().numpy(), q_rest, rtol=1e-5)
+    z = student.clone().requires_grad_()
+    got = topk_token_kl(z, ids, logps, log_rest)
+    got.sum().backward()
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(z.grad.numpy(), want_grad, rtol=1e-4, atol=1e-6)
+    assert (got.detach().numpy() <= token_kl_np(q, s) + 1e-6).all()  # merging ids into a bucket never adds KL
+
+
+def token_kl_np(q, s):
+    import numpy as np
+
+    return (q * np.log(q / s)).sum(-1)
+
+
+def test_reduce_token_kl_hand_computed():
+    """KL at 5 positions [1, 2, 3, 4, 5] over responses of 2, 3 and 0 positions.
+
+    token_mean = 15 / 5 = 3, gradient 1/5 each; sequence_sum = mean(1+2, 3+4+5, 0) = 15 / 3 = 5, gradient 1/3 each.
+    """
+    from preference_dpo.losses import reduce_token_kl
+
+    lengths = torch.tensor([2, 3, 0])
+    for reduction, value, grad in (("token_mean", 3.0, 0.2), ("sequence_sum", 5.0, 1 / 3)):
+        per_token = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], requires_grad=True)
+        loss = reduce_token_kl(per_token, lengths, reduction)
+        assert loss.item() == pytest.approx(value)
+        loss.backward()
+        torch.testing.assert_close(per_token.grad, torch.full((5,), grad))
+    with pytest.raises(ValueError, match="unknown distill reduction"):
+        reduce_token_kl(per_token, lengths, "mean")

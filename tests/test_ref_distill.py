@@ -1,0 +1,224 @@
+"""ALIGN_LOSS=ref_distill: exact and with the precomputed top-K teacher, against independent computations.
+
+The independent side: plain forwards of the policy (base view) and of a fresh copy of the base model (the
+reference: the policy with its adapter off) on whole guided sequences, full logits, log_softmax, and the KL
+written out here, not taken from `preference_dpo.losses`.
+"""
+
+import pytest
+import torch
+
+from preference_dpo.config import parse_args
+from preference_dpo.errors import UserInputError
+
+from .conftest import EMBEDDED_TEST, EMBEDDED_TRAIN, head_rows, write_jsonl
+from .test_trl_contract import (
+    assert_same_gradients,
+    base_logps,
+    dpo,
+    first_batch,
+    guided_logps,
+    make_trainer,
+    perturb_adapter,
+    training_loss,
+)
+
+ALPHA = 0.5
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """8 train and 4 test pairs: the top-K store of a whole-vocabulary teacher stays small."""
+    folder = tmp_path_factory.mktemp("pairs")
+    return (
+        write_jsonl(folder / "train.jsonl", head_rows(EMBEDDED_TRAIN, 8)),
+        write_jsonl(folder / "test.jsonl", head_rows(EMBEDDED_TEST, 4)),
+    )
+
+
+def reference_logits(tiny_model_dir, full):
+    """The frozen reference's next-token logits on whole guided sequences, and the response positions."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        logits = reference(input_ids=full["guided_input_ids"], attention_mask=full["guided_attention_mask"]).logits
+    return logits[:, :-1], full["guided_completion_mask"][:, 1:].bool(), reference
+
+
+def expected_ref_distill(model, batch, teacher_logits, teacher_mask, reduction):
+    """KL(pi_ref(.|p,x,y<t) || pi_theta(.|x,y<t)) at every response position, reduced by hand."""
+    student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["completion_mask"][:, 1:].bool()
+    assert torch.equal(mask.sum(1), teacher_mask.sum(1))  # both views score the same response tokens
+    log_q = torch.log_softmax(teacher_logits[teacher_mask].double(), -1)
+    log_s = torch.log_softmax(student_logits[mask].double(), -1)
+    per_token = (log_q.exp() * (log_q - log_s)).sum(-1)
+    if reduction == "token_mean":
+        return per_token.mean()
+    sums = [chunk.sum() for chunk in per_token.split(mask.sum(1).tolist())]
+    return torch.stack(sums).mean()
+
+
+def test_exact_ref_distill_matches_an_independent_kl_against_the_frozen_reference(
+    tiny_model_dir, tokenizer, pairs, tmp_path
+):
+    trainer = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, align_loss="ref_distill")
+    perturb_adapter(trainer)  # the policy differs from the reference
+    batch, full = first_batch(trainer)
+    teacher_logits, teacher_mask, reference = reference_logits(tiny_model_dir, full)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = guided_logps(reference, full)
+    for reduction in ("token_mean", "sequence_sum"):
+        trainer.args.distill_reduction = reduction
+        model, loss = training_loss(trainer, batch)
+        kl = expected_ref_distill(model, batch, teacher_logits, teacher_mask, reduction)
+        chosen, rejected = base_logps(model, batch)
+        expected = dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"]) + ALPHA * kl
+        assert kl.item() > 1e-3  # the instruction and the adapter change the distribution: a real signal
+        assert trainer._metrics["train"]["ref_distill_loss"][-1] == pytest.approx(kl.item(), rel=1e-4), reduction
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-4), reduction
+        assert_same_gradients(loss, expected.float(), model, rtol=1e-3, atol=1e-6)
+    # aligned_active_frac compares h_base with the reference's instructed margin, not the policy's
+    active = ((ref_chosen - ref_rejected) > (chosen - rejected).detach()).float().mean().item()
+    assert trainer._metrics["train"]["aligned_active_frac"][-1] == pytest.approx(active)
+    assert "pref_advantage_ratio" not in trainer._metrics["train"]  # no guided forward of the policy in training
+
+
+def test_exact_ref_distill_with_a_separate_reference_model_uses_its_forward_and_lm_head(
+    tiny_model_dir, tokenizer, pairs, tmp_path
+):
+    """REFERENCE_MODEL_PATH: the teacher is that model (other weights, its own LM head), not the adapter off."""
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
+    torch.manual_seed(7)
+    reference = Qwen2ForCausalLM(AutoModelForCausalLM.from_pretrained(tiny_model_dir).config).eval()
+    trainer = make_trainer(
+        tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, align_loss="ref_distill", ref_model=reference
+    )
+    batch, full = first_batch(trainer)
+    with torch.no_grad():
+        logits = reference(input_ids=full["guided_input_ids"], attention_mask=full["guided_attention_mask"]).logits
+        model, _ = training_loss(trainer, batch)
+        kl = expected_ref_distill(
+            model, batch, logits[:, :-1], full["guided_completion_mask"][:, 1:].bool(), "token_mean"
+        )
+    assert trainer._metrics["train"]["ref_distill_loss"][-1] == pytest.approx(kl.item(), rel=1e-4)
+
+
+def test_topk_teacher_over_the_whole_vocabulary_equals_the_exact_form_without_a_teacher_forward(
+    tiny_model_dir, tokenizer, pairs, tmp_path
+):
+    from preference_dpo.trainer import capture_outputs
+
+    vocab = trainer_vocab(tiny_model_dir)
+    trainer = make_trainer(
+        tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, align_loss="ref_distill", distill_top_k=vocab,
+        distill_reduction="sequence_sum",
+    )  # fmt: skip
+    perturb_adapter(trainer)
+    batch, full = first_batch(trainer)
+    assert batch["guided_teacher_ids"].shape[1] == vocab
+    teacher_logits, teacher_mask, _ = reference_logits(tiny_model_dir, full)
+    model = trainer.model
+    model.train()
+    with capture_outputs(trainer._unwrapped(model)[1].base_model, fused_only=False) as backbone_forwards:
+        loss = trainer.compute_loss(model, batch)
+    assert len(backbone_forwards) == 1  # TRL's base-view forward only: the teacher was read from the store
+    kl = expected_ref_distill(model, batch, teacher_logits, teacher_mask, "sequence_sum")
+    chosen, rejected = base_logps(model, batch)
+    expected = dpo(trainer, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"]) + ALPHA * kl
+    assert trainer._metrics["train"]["aligned_loss"][-1] == pytest.approx(kl.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert_same_gradients(loss, expected.float(), model, rtol=1e-3, atol=1e-6)
+
+
+def trainer_vocab(tiny_model_dir) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+
+
+def test_teacher_store_holds_the_reference_top_k_and_resumes_after_a_kill(
+    tiny_model_dir, tokenizer, pairs, tmp_path, monkeypatch
+):
+    """Rows equal the reference's top-K of an independent forward; a rerun computes only missing shards."""
+    from preference_dpo import teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module, "SHARD_PAIRS", 3)  # 8 pairs: shards of 3, 3 and 2
+    settings = {"alpha": ALPHA, "align_loss": "ref_distill", "distill_top_k": 8}
+    trainer = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, **settings)
+    (store,) = (tmp_path / "out" / teacher_module.TEACHER_DIR).glob("train-*")
+    shards = sorted(store.glob("shard-*.arrow"))
+    assert [p.name for p in shards] == ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
+
+    _, full = first_batch(trainer, n=1)
+    teacher_logits, teacher_mask, reference = reference_logits(tiny_model_dir, full)
+    log_q = torch.log_softmax(teacher_logits[0][teacher_mask[0]], -1)  # pair 0, chosen response
+    want_logps, want_ids = log_q.topk(8, -1)
+    ids, logps, log_rest = teacher_module.decode_rows(trainer.train_dataset[0]["teacher_chosen"])
+    assert torch.equal(torch.tensor(ids).long(), want_ids)
+    torch.testing.assert_close(torch.tensor(logps), want_logps, rtol=1e-5, atol=1e-5)
+    rest = 1 - want_logps.exp().sum(-1)
+    torch.testing.assert_close(torch.tensor(log_rest), rest.log(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        ref_chosen, _ = guided_logps(reference, full)
+    assert trainer.train_dataset[0]["ref_guided_chosen_logps"] == pytest.approx(ref_chosen[0].item(), rel=1e-5)
+
+    # a precompute killed after shard 0 and 2, with shard 1 half-written
+    before = {p.name: p.stat().st_mtime_ns for p in shards}
+    columns = trainer.train_dataset[:]["teacher_chosen"]
+    shards[1].unlink()
+    (store / ".shard-00001.arrow.999.tmp").write_bytes(b"half")
+    again = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, **settings)
+    after = {p.name: p.stat().st_mtime_ns for p in sorted(store.glob("shard-*.arrow"))}
+    assert after.keys() == before.keys()
+    assert after["shard-00000.arrow"] == before["shard-00000.arrow"]  # reused, not recomputed
+    assert after["shard-00002.arrow"] == before["shard-00002.arrow"]
+    assert after["shard-00001.arrow"] != before["shard-00001.arrow"]  # the missing one, recomputed
+    assert again.train_dataset[:]["teacher_chosen"] == columns
+
+    # another K is another teacher: a new store, and the outdated one is removed
+    make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, **{**settings, "distill_top_k": 4})
+    (new_store,) = (tmp_path / "out" / teacher_module.TEACHER_DIR).glob("train-*")
+    assert new_store != store and not store.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--align_loss", "distill", "--distill_top_k", "16"], "--distill_top_k needs a fixed teacher"),
+        (["--align_loss", "ref_distill", "--distill_top_k", "0"], "--distill_top_k must be >= 1; got 0"),
+        (["--align_loss", "hinge", "--distill_reduction", "sequence_sum"], "--distill_reduction applies to"),
+        (["--align_loss", "ref_distill", "--distill_reduction", "sum"], "--distill_reduction: invalid choice: 'sum'"),
+        (["--align_loss", "ref_distill", "--guided_forward", "full"], "ref_distill needs --guided_forward"),
+        (["--align_loss", "ref_distill", "--use_peft", "false"], "without LoRA has no frozen reference"),
+    ],
+)
+def test_distill_options_are_validated(tiny_model_dir, tmp_path, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserInputError, match=message):
+        parse_args(["--model_name_or_path", str(tiny_model_dir), *flags])
+
+
+def test_valid_distill_options_parse(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, _, train = parse_args(
+        ["--model_name_or_path", str(tiny_model_dir), "--align_loss", "ref_distill", "--distill_top_k", "64",
+         "--distill_reduction", "sequence_sum"]
+    )  # fmt: skip
+    assert (train.align_loss, train.distill_top_k, train.distill_reduction) == ("ref_distill", 64, "sequence_sum")
+    _, _, train = parse_args(["--model_name_or_path", str(tiny_model_dir), "--align_loss", "ref_distill",
+                              "--use_peft", "false", "--distill_top_k", "16"])  # fmt: skip
+    assert train.distill_top_k == 16  # without LoRA, a precomputed teacher needs no reference in memory
+
+
+def test_top_k_larger_than_the_vocabulary_stops_before_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    from preference_dpo import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--model_name_or_path", str(tiny_model_dir), "--align_loss", "ref_distill",
+                       "--distill_top_k", "5000"])  # fmt: skip
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(UserInputError, match=r"--distill_top_k 5000 exceeds the model's vocabulary \(2048 tokens\)"):
+        pipeline.run(*args)
