@@ -72,6 +72,19 @@ OUTPUT_DIR="${OUTPUT_DIR:-./model_output/$RUN_NAME}"
 LOG_DIR="${LOG_DIR:-./logs/$RUN_NAME}"
 DRY_RUN="${DRY_RUN:-0}"                   # 1: print the exact command and exit
 PYTHON="${PYTHON:-python3}"
+
+# Stage. dpo: preference-guided DPO. ptune: learn a soft prompt (the file embedding mode reads) and stop.
+# all: ptune, then DPO in embedding mode with the prompt just learned (TRAINING_MODE and PROMPT_EMBEDDING_PATH
+# are set for you). The soft prompt's settings below are used by ptune and all.
+STAGE="${STAGE:-dpo}"                     # dpo | ptune | all
+NUM_VIRTUAL_TOKENS="${NUM_VIRTUAL_TOKENS:-16}"  # soft-prompt length k
+PTUNE_OBJECTIVE="${PTUNE_OBJECTIVE:-dpo}"       # dpo (prompted model vs the same model without it) | sft
+PTUNE_INIT="${PTUNE_INIT:-text}"                # text (PREFERENCE_TEXT's token embeddings) | vocab (random rows)
+PTUNE_ENCODER="${PTUNE_ENCODER:-none}"          # none | mlp (P-tuning: an MLP over the vectors)
+PTUNE_LEARNING_RATE="${PTUNE_LEARNING_RATE:-1e-2}"
+PTUNE_EPOCHS="${PTUNE_EPOCHS:-1}"
+PTUNE_MAX_STEPS="${PTUNE_MAX_STEPS:--1}"        # > 0 overrides PTUNE_EPOCHS
+PTUNE_OUTPUT_DIR="${PTUNE_OUTPUT_DIR:-$OUTPUT_DIR/ptune}"  # prompt_embeddings.pt, .safetensors, .json
 # ==========================================================================
 
 die() { echo "fast_train.sh: error: $*" >&2; exit 2; }
@@ -119,6 +132,25 @@ case "$DEVICE" in
   *) die "DEVICE='$DEVICE' must be auto, gpu or cpu." ;;
 esac
 
+# Stages: each is one command, the same launcher form with --stage. STAGE=all skips a prompt already learned
+# (its prompt_embeddings.json, written last, exists), so that rerunning after a kill in DPO resumes there.
+case "$STAGE" in
+  dpo | ptune) stages=("$STAGE") ;;
+  all)
+    [[ -z "$PROMPT_EMBEDDING_PATH" ]] ||
+      die "STAGE=all trains DPO with the prompt it learns; leave PROMPT_EMBEDDING_PATH empty (or use STAGE=dpo)."
+    TRAINING_MODE=embedding
+    PROMPT_EMBEDDING_PATH="$PTUNE_OUTPUT_DIR/prompt_embeddings.pt"
+    stages=(ptune dpo)
+    if [[ -f "$PTUNE_OUTPUT_DIR/prompt_embeddings.json" && ! "${OVERWRITE,,}" =~ ^(true|yes|1)$ ]]; then
+      echo "fast_train.sh: STAGE=all: $PTUNE_OUTPUT_DIR already holds a learned prompt; using it" \
+        "(OVERWRITE=true learns it again)." >&2
+      stages=(dpo)
+    fi
+    ;;
+  *) die "STAGE='$STAGE' must be dpo, ptune or all." ;;
+esac
+
 train_args=(
   --model_name_or_path "$POLICY_MODEL_PATH"
   --train_dataset_path "$TRAIN_DATASET_PATH"
@@ -157,6 +189,16 @@ train_args=(
 )
 [[ -n "$REFERENCE_MODEL_PATH" ]] && train_args+=(--reference_model_path "$REFERENCE_MODEL_PATH")
 [[ -n "$PROMPT_EMBEDDING_PATH" ]] && train_args+=(--prompt_embedding_path "$PROMPT_EMBEDDING_PATH")
+train_args+=(  # the soft prompt's settings: read by the ptune stage, recorded by both
+  --num_virtual_tokens "$NUM_VIRTUAL_TOKENS"
+  --ptune_objective "$PTUNE_OBJECTIVE"
+  --ptune_init "$PTUNE_INIT"
+  --ptune_encoder "$PTUNE_ENCODER"
+  --ptune_learning_rate "$PTUNE_LEARNING_RATE"
+  --ptune_epochs "$PTUNE_EPOCHS"
+  --ptune_max_steps "$PTUNE_MAX_STEPS"
+  --ptune_output_dir "$PTUNE_OUTPUT_DIR"
+)
 train_args+=("$@")
 
 entry="$SCRIPT_DIR/train_with_preference_prompt.py"
@@ -214,8 +256,10 @@ else
 fi
 
 if [[ "$DRY_RUN" == 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  printf '\n'
+  for stage in "${stages[@]}"; do
+    printf '%q ' "${cmd[@]}" --stage "$stage"
+    printf '\n'
+  done
   exit 0
 fi
 
@@ -233,4 +277,6 @@ mkdir -p "$LOG_DIR/runs"
 log_file="$LOG_DIR/runs/train_$(date +%Y%m%d_%H%M%S).log"
 echo "fast_train.sh: logging to $log_file" >&2
 # tee ignores SIGINT/SIGTERM so that the trainer, which saves a checkpoint on them, can still write its output.
-"${cmd[@]}" 2>&1 | (trap '' INT TERM; tee -a "$log_file")
+for stage in "${stages[@]}"; do  # a failed or interrupted stage stops the script (pipefail): none runs after it
+  "${cmd[@]}" --stage "$stage" 2>&1 | (trap '' INT TERM; tee -a "$log_file")
+done

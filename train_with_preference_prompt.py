@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # transformers' INFO level dumps every config it loads; its warnings and the progress bars stay.
         transformers.utils.logging.set_verbosity(logging.WARNING)
-        from preference_dpo.pipeline import run
+        if train_args.stage == "ptune":  # learn the soft prompt embedding mode reads
+            from preference_dpo.ptune import run
+        else:
+            from preference_dpo.pipeline import run
 
         logging.getLogger(__name__).info("Settings: %s | %s | %s", data_args, model_args, train_args.to_json_string())
         run(data_args, model_args, train_args)

@@ -29,6 +29,10 @@ ALIGN_LOSSES = ("hinge", "ref_hinge", "distill", "ref_distill")
 DISTILL_REDUCTIONS = ("token_mean", "sequence_sum")
 GUIDED_FORWARDS = ("shared_prompt", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+STAGES = ("dpo", "ptune")  # the launcher's STAGE=all runs ptune, then dpo
+PTUNE_OBJECTIVES = ("dpo", "sft")
+PTUNE_INITS = ("text", "vocab")
+PTUNE_ENCODERS = ("none", "mlp")
 
 # Launcher variable -> flag. Error messages name both; the README's table is checked against this one.
 LAUNCHER_VARIABLES = {
@@ -68,6 +72,15 @@ LAUNCHER_VARIABLES = {
     "RUN_NAME": "run_name",
     "OUTPUT_DIR": "output_dir",
     "LOG_DIR": "log_dir",
+    "STAGE": "stage",
+    "NUM_VIRTUAL_TOKENS": "num_virtual_tokens",
+    "PTUNE_OBJECTIVE": "ptune_objective",
+    "PTUNE_INIT": "ptune_init",
+    "PTUNE_ENCODER": "ptune_encoder",
+    "PTUNE_LEARNING_RATE": "ptune_learning_rate",
+    "PTUNE_EPOCHS": "ptune_epochs",
+    "PTUNE_MAX_STEPS": "ptune_max_steps",
+    "PTUNE_OUTPUT_DIR": "ptune_output_dir",
 }
 _FLAG_TO_VARIABLE = {flag: var for var, flag in LAUNCHER_VARIABLES.items()}
 
@@ -211,6 +224,48 @@ class PreferenceDPOConfig(DPOConfig):
             "with an error."
         },
     )
+    # The stage that learns the soft prompt (preference_dpo/ptune.py)
+    stage: str = field(
+        default="dpo",
+        metadata={
+            "help": "`dpo`: preference-guided DPO; `ptune`: learn the soft prompt that embedding mode reads, and stop. "
+            "The launcher's STAGE=all runs ptune, then dpo in embedding mode with the prompt just learned.",
+            "choices": list(STAGES),
+        },
+    )
+    num_virtual_tokens: int = field(default=16, metadata={"help": "Soft-prompt length k (ptune stage)."})
+    ptune_objective: str = field(
+        default="dpo",
+        metadata={
+            "help": "`dpo`: the prompted frozen model is the policy, the same model without the prompt the reference "
+            "(BETA as in DPO); `sft`: likelihood of the chosen responses.",
+            "choices": list(PTUNE_OBJECTIVES),
+        },
+    )
+    ptune_init: str = field(
+        default="text",
+        metadata={
+            "help": "`text`: the token embeddings of PREFERENCE_TEXT, repeated or cut to k; `vocab`: k random rows "
+            "of the vocabulary's embeddings.",
+            "choices": list(PTUNE_INITS),
+        },
+    )
+    ptune_encoder: str = field(
+        default="none",
+        metadata={
+            "help": "`none`: the k vectors are trained directly (prompt tuning); `mlp`: through PEFT's PromptEncoder, "
+            "an MLP over them (P-tuning). The saved file holds the vectors either way.",
+            "choices": list(PTUNE_ENCODERS),
+        },
+    )
+    ptune_learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate of the soft prompt."})
+    ptune_epochs: float = field(default=1.0, metadata={"help": "Epochs of the ptune stage."})
+    ptune_max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps of the ptune stage; > 0 overrides ptune_epochs."}
+    )
+    ptune_output_dir: str | None = field(
+        default=None, metadata={"help": "Where the learned prompt goes. Default: <output_dir>/ptune."}
+    )
 
     # TRL / transformers fields whose defaults differ for this tool (as TRL itself overrides learning_rate)
     output_dir: str | None = field(default=None, metadata={"help": "Default: model_output/<run_name>."})
@@ -244,6 +299,8 @@ class PreferenceDPOConfig(DPOConfig):
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = os.path.join("model_output", self.run_name or DEFAULT_RUN_NAME)
+        if self.ptune_output_dir is None:
+            self.ptune_output_dir = os.path.join(self.output_dir, "ptune")
         if self.log_dir is None:
             self.log_dir = os.path.join("logs", self.run_name or DEFAULT_RUN_NAME)
         if self.precision in PRECISIONS:  # an unknown value is reported by `validate`
@@ -274,9 +331,12 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
     _check_choice(problems, "precision", train.precision, PRECISIONS)
     _check_choice(problems, "guided_forward", train.guided_forward, GUIDED_FORWARDS)
     _check_choice(problems, "distill_reduction", train.distill_reduction, DISTILL_REDUCTIONS)
+    _check_choice(problems, "stage", train.stage, STAGES)
+    if train.stage == "ptune":
+        problems += _ptune_problems(train)
     if train.training_mode == "text" and not train.preference_text.strip():
         problems.append(f"{describe('preference_text')} is empty: text mode needs the instruction text.")
-    if train.training_mode == "embedding":
+    if train.training_mode == "embedding" and train.stage != "ptune":  # ptune writes the file, never reads it
         if not train.prompt_embedding_path:
             problems.append(f"{describe('prompt_embedding_path')} is required in embedding mode: give the .pt file.")
         elif not os.path.isfile(train.prompt_embedding_path):
@@ -341,7 +401,7 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
         if path and _looks_local(path) and not os.path.isdir(path):
             hint = " Run ./fast_train.sh once to build the embedded default." if flag == "model_name_or_path" else ""
             problems.append(f"{describe(flag)}: no such model folder {path!r}.{hint}")
-    if train.output_dir:
+    if train.output_dir and train.stage != "ptune":  # the ptune stage writes to ptune_output_dir only
         from .checkpoints import check_output_dir
 
         problems += check_output_dir(train.output_dir, train.overwrite)
@@ -389,6 +449,39 @@ def _distill_problems(model: ModelArguments, train: PreferenceDPOConfig, zero_st
             f"--distill_reduction applies to {describe('align_loss')}=distill or ref_distill; with "
             f"{train.align_loss} leave it at token_mean."
         )
+
+
+def _ptune_problems(train: PreferenceDPOConfig) -> list[str]:
+    """Problems with the settings of the stage that learns the soft prompt (STAGE=ptune)."""
+    problems: list[str] = []
+    for flag, value, choices in (
+        ("ptune_objective", train.ptune_objective, PTUNE_OBJECTIVES),
+        ("ptune_init", train.ptune_init, PTUNE_INITS),
+        ("ptune_encoder", train.ptune_encoder, PTUNE_ENCODERS),
+    ):
+        _check_choice(problems, flag, value, choices)
+    if train.num_virtual_tokens < 1:
+        problems.append(
+            f"{describe('num_virtual_tokens')} must be >= 1; got {train.num_virtual_tokens}. Typical: 8-32."
+        )
+    elif train.num_virtual_tokens >= train.max_prompt_length:
+        problems.append(
+            f"{describe('num_virtual_tokens')} = {train.num_virtual_tokens} leaves no room for a prompt within "
+            f"{describe('max_prompt_length')} = {train.max_prompt_length}; use fewer tokens or raise MAX_PROMPT_LENGTH."
+        )
+    if not train.ptune_learning_rate > 0:
+        problems.append(
+            f"{describe('ptune_learning_rate')} must be > 0; got {train.ptune_learning_rate}. Typical: 1e-2."
+        )
+    if train.ptune_max_steps <= 0 and not train.ptune_epochs > 0:
+        problems.append(f"{describe('ptune_epochs')} must be > 0 (or set {describe('ptune_max_steps')}).")
+    if train.ptune_init == "text" and not train.preference_text.strip():
+        problems.append(
+            f"{describe('preference_text')} is empty: {describe('ptune_init')}=text starts the prompt from its tokens "
+            "(or use PTUNE_INIT=vocab)."
+        )
+    if not train.ptune_output_dir:
+        problems.append(f"{describe('ptune_output_dir')} is empty: give the folder for the learned prompt.")
     return problems
 
 

@@ -201,3 +201,31 @@ def chunked_rows(fn, *rows: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         for start in range(0, total, chunk)
     ]
     return torch.cat(parts) if parts else rows[0].new_zeros(0, dtype=torch.float32)
+
+
+# --- the learned preference prompt (STAGE=ptune, docs/method.md "Learned preference prompt") ---------------
+
+
+def prompt_dpo_loss(
+    prompted_chosen: torch.Tensor,
+    prompted_rejected: torch.Tensor,
+    plain_chosen: torch.Tensor,
+    plain_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """PTUNE_OBJECTIVE=dpo: DPO with the soft-prompted frozen model as the policy and the same model without
+    the prompt as the reference, so that the prompt learns the direction that separates the pairs:
+    mean(-log sigmoid(beta * [(logp(y_w|E,x) - logp(y_w|x)) - (logp(y_l|E,x) - logp(y_l|x))])).
+    """
+    return dpo_sigmoid_loss(prompted_chosen, prompted_rejected, plain_chosen, plain_rejected, beta)
+
+
+def prompt_sft_loss(prompted_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """PTUNE_OBJECTIVE=sft: mean over pairs of -logp(y_w | E,x) / |y_w|, the chosen responses' per-token NLL."""
+    return (-prompted_chosen / chosen_lengths.clamp(min=1)).mean()
+
+
+def preference_accuracy_and_margin(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fraction of pairs with logp(y_w) > logp(y_l), mean of logp(y_w) - logp(y_l)) of one view, detached."""
+    margin = (chosen - rejected).detach().float()
+    return (margin > 0).float().mean(), margin.mean()

@@ -56,11 +56,29 @@ def tensorboard_tag(key: str) -> str:
     return METRIC_TAGS[key][0] if key in METRIC_TAGS else f"train/{key}"
 
 
+# The stage that learns the soft prompt (STAGE=ptune) logs into the same LOG_DIR as the DPO stage, so every
+# one of its tags, transformers' own included (ptune/learning_rate, ptune_eval/runtime), is under ptune/.
+PTUNE_METRIC_TAGS: dict[str, tuple[str, str]] = {
+    "loss": ("ptune/loss", "ptune_eval/loss"),
+    "accuracy": ("ptune/accuracy", "ptune_eval/accuracy"),
+    "margin": ("ptune/margin", "ptune_eval/margin"),
+}
+
+
+def ptune_tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag for a key of the ptune stage's `logs` dict."""
+    if key.startswith("eval_"):
+        name = key.removeprefix("eval_")
+        return PTUNE_METRIC_TAGS[name][1] if name in PTUNE_METRIC_TAGS else f"ptune_eval/{name}"
+    return PTUNE_METRIC_TAGS[key][0] if key in PTUNE_METRIC_TAGS else f"ptune/{key}"
+
+
 class TensorBoardMetricsCallback(TrainerCallback):
     """Writes every logged scalar to one events file directly in `log_dir`, on the main process only."""
 
-    def __init__(self, log_dir: str):
+    def __init__(self, log_dir: str, tag=tensorboard_tag):
         self.log_dir = log_dir
+        self.tag = tag  # log key -> tag: `tensorboard_tag`, or `ptune_tensorboard_tag` for the ptune stage
         self._writer = None
 
     def _get_writer(self):
@@ -80,7 +98,7 @@ class TensorBoardMetricsCallback(TrainerCallback):
                 continue
             if not math.isfinite(value):
                 logger.warning("Step %d: metric %s is %s", state.global_step, key, value)
-            writer.add_scalar(tensorboard_tag(key), value, state.global_step)
+            writer.add_scalar(self.tag(key), value, state.global_step)
         writer.flush()
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -39,7 +39,7 @@ from .losses import (
     uses_reference_target,
 )
 from .teacher import TEACHER_COLUMNS
-from .views import split_views
+from .views import insert_soft_tokens, split_views
 
 logger = logging.getLogger(__name__)
 
@@ -283,8 +283,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
     def _insert_soft_tokens(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Replace the placeholder embeddings at `mask` by the soft prompt, k rows per sequence, in order."""
-        soft = self.prompt_embedding.to(device=embeds.device, dtype=embeds.dtype)
-        return embeds.masked_scatter(mask.unsqueeze(-1), soft.repeat(embeds.size(0), 1))
+        return insert_soft_tokens(embeds, mask, self.prompt_embedding)
 
     def _guided_logps(self, model, guided: dict[str, torch.Tensor], return_hidden: bool = False):
         """Summed response log-probs of the guided view: policy weights, no gradient, eval mode (no dropout).

@@ -133,6 +133,16 @@ def load_prompt_embedding(path: str | os.PathLike, hidden_size: int) -> torch.Te
     return content.detach().to(torch.float32).contiguous()
 
 
+def insert_soft_tokens(embeds: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """`embeds` [rows, len, d] with the placeholders at `mask` replaced by the soft prompt `soft` [k, d].
+
+    Each row holds `k` placeholders, in order (`tokenize_views` puts them right after the prompt); `soft`
+    keeps its gradient, so the same function serves embedding mode and the stage that learns the prompt.
+    """
+    soft = soft.to(device=embeds.device, dtype=embeds.dtype)
+    return embeds.masked_scatter(mask.unsqueeze(-1), soft.repeat(embeds.size(0), 1))
+
+
 # --- tokenization of both views ------------------------------------------------------------------------
 
 

@@ -128,7 +128,7 @@ def test_launcher_defaults_equal_python_defaults(tiny_model_dir):
             if f.name in ("logging_dir",):
                 continue
             left, right = getattr(a, f.name), getattr(b, f.name)
-            if f.name in ("output_dir", "log_dir"):
+            if f.name in ("output_dir", "log_dir", "ptune_output_dir"):
                 left, right = os.path.normpath(left), os.path.normpath(right)
             assert left == right, f.name
     # every launcher variable in the table is passed by the launcher

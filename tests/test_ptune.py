@@ -1,0 +1,357 @@
+"""The stage that learns the soft prompt (STAGE=ptune): objective, placement, file format, launcher, faults."""
+
+import json
+import math
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from preference_dpo.losses import preference_accuracy_and_margin, prompt_dpo_loss, prompt_sft_loss
+from preference_dpo.metrics import PTUNE_METRIC_TAGS
+from preference_dpo.ptune import EMBEDDING_FILE, SAFETENSORS_FILE, SUMMARY_FILE, SoftPromptModel, build_prompt_encoder
+from preference_dpo.views import PreferenceViewsCollator, tokenize_views
+
+from .conftest import REPO
+from .test_end_to_end import run_launcher
+from .test_reliability import common, no_weights, run_main  # noqa: F401 (fixtures)
+
+TEXT = "Please provide a helpful, honest, harmless and concise answer."
+PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": "How do I boil an egg?"}],
+        "chosen": [{"role": "assistant", "content": "Boil it for nine minutes."}],
+        "rejected": [{"role": "assistant", "content": "I cannot help with that."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Name a country in Europe, please, and say why you like it."}],
+        "chosen": [{"role": "assistant", "content": "France."}],
+        "rejected": [{"role": "assistant", "content": "As an expert, I guarantee: Spain."}],
+    },
+]
+
+
+# --- the objective, by hand -----------------------------------------------------------------------------------
+
+
+def test_prompt_objectives_hand_computed():
+    """Two pairs, beta = 0.5; prompted log-probs (chosen, rejected) = (-1, -3) and (-2, -1), plain (-2, -2), (-1, -1).
+
+    dpo: pair 1: (-1 - -2) - (-3 - -2) = 2, loss log(1 + e^-1) = 0.3132617;
+         pair 2: (-2 - -1) - (-1 - -1) = -1, loss log(1 + e^0.5) = 0.9740770; mean 0.6436694.
+    sft: chosen lengths 2 and 4: mean(1/2, 2/4) = 0.5.
+    prompted view: pair 1 prefers chosen, pair 2 does not: accuracy 0.5; margins 2 and -1: mean 0.5.
+    """
+    prompted_c, prompted_r = torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([-3.0, -1.0])
+    plain_c, plain_r = torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -1.0])
+    loss = prompt_dpo_loss(prompted_c, prompted_r, plain_c, plain_r, beta=0.5)
+    assert loss.item() == pytest.approx(0.6436694, abs=1e-6)
+    loss.backward()
+    # d/dc of -log sigmoid(0.5 * m) = -0.5 * sigmoid(-0.5 * m) / 2 pairs
+    expected = [-0.25 / (1 + math.exp(1.0)), -0.25 / (1 + math.exp(-0.5))]
+    assert prompted_c.grad.tolist() == pytest.approx(expected, abs=1e-6)
+    same = prompt_dpo_loss(plain_c, plain_r, plain_c, plain_r, beta=0.5)
+    assert same.item() == pytest.approx(math.log(2), abs=1e-6)  # the prompt changes nothing: ln 2
+    assert prompt_sft_loss(torch.tensor([-1.0, -2.0]), torch.tensor([2, 4])).item() == pytest.approx(0.5)
+    accuracy, margin = preference_accuracy_and_margin(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]))
+    assert (accuracy.item(), margin.item()) == (0.5, 0.5)
+
+
+# --- the soft prompt: where it goes, what trains, how it starts --------------------------------------------------
+
+
+def soft_model(tiny_model_dir, prompt_encoder, k):
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.requires_grad_(False)
+    add_fused_lm_head(model)
+    return SoftPromptModel(model, prompt_encoder, k)
+
+
+def batch_of_pairs(tokenizer, k):
+    examples = [tokenize_views(pair, tokenizer, TEXT, "system", num_soft_tokens=k, max_length=300) for pair in PAIRS]
+    return examples, PreferenceViewsCollator(pad_token_id=0, num_soft_tokens=k, guided_forward="full")(examples)
+
+
+def test_soft_prompt_sits_right_after_the_prompt_and_scores_the_response(tiny_model_dir, tokenizer):
+    k = 3
+    prompt = torch.randn(k, 64) * 0.1
+    model = soft_model(tiny_model_dir, torch.nn.Embedding.from_pretrained(prompt, freeze=False), k)
+    examples, batch = batch_of_pairs(tokenizer, k)
+    assert len(examples[0]["prompt_ids"]) != len(examples[1]["prompt_ids"])  # right padding differs per row
+    with torch.no_grad():
+        got = model(
+            batch["guided_input_ids"],
+            batch["guided_attention_mask"],
+            batch["guided_completion_mask"],
+            batch["guided_soft_token_mask"],
+        )
+    # by hand: [prompt embeddings, E, response embeddings], one sequence at a time, the model's own logits
+    embed = model.model.get_input_embeddings()
+    for row, (example, side) in enumerate([(ex, s) for s in ("chosen_ids", "rejected_ids") for ex in examples]):
+        response = torch.tensor(example[side])
+        inputs = torch.cat([embed(torch.tensor(example["prompt_ids"])), prompt, embed(response)])[None]
+        with torch.no_grad():
+            logits = model.model(inputs_embeds=inputs).logits[0]
+        start = len(example["prompt_ids"]) + k
+        logps = logits[start - 1 : -1].log_softmax(-1).gather(-1, response[:, None]).sum()
+        assert got[row].item() == pytest.approx(logps.item(), rel=1e-5, abs=1e-4), row
+
+
+def test_only_the_prompt_trains_and_it_is_the_whole_state(tiny_model_dir, tokenizer):
+    k = 4
+    settings = SimpleNamespace(num_virtual_tokens=k, ptune_init="text", ptune_encoder="none", preference_text=TEXT)
+    model = soft_model(tiny_model_dir, None, k)
+    model.prompt_encoder = build_prompt_encoder(model.model, str(tiny_model_dir), settings)
+    frozen = {name: p.detach().clone() for name, p in model.model.named_parameters()}
+    before = model.prompt().detach().clone()
+    _, batch = batch_of_pairs(tokenizer, k)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    prompted = model(
+        batch["guided_input_ids"],
+        batch["guided_attention_mask"],
+        batch["guided_completion_mask"],
+        batch["guided_soft_token_mask"],
+    )
+    with torch.no_grad():
+        plain = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    prompt_dpo_loss(*prompted.chunk(2), *plain.chunk(2), beta=0.1).backward()
+    optimizer.step()
+    assert not torch.equal(model.prompt(), before)
+    for name, p in model.model.named_parameters():
+        assert p.grad is None and torch.equal(p, frozen[name]), name
+    state = model.state_dict()
+    assert list(state) == ["prompt_encoder.embedding.weight"]  # checkpoints hold the prompt, not the model
+    fresh = soft_model(tiny_model_dir, torch.nn.Embedding(k, 64), k)
+    fresh.prompt_encoder = build_prompt_encoder(fresh.model, str(tiny_model_dir), settings)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.prompt(), model.prompt())
+
+
+def test_initialisation_from_text_vocab_and_through_the_mlp(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    table = model.get_input_embeddings().weight.detach()
+    ids = tokenizer(TEXT)["input_ids"]
+    assert len(ids) == 12
+
+    def encoder(k, init="text", kind="none"):
+        settings = SimpleNamespace(num_virtual_tokens=k, ptune_init=init, ptune_encoder=kind, preference_text=TEXT)
+        return build_prompt_encoder(model, str(tiny_model_dir), settings)
+
+    repeated = encoder(16).embedding.weight.detach()
+    assert torch.equal(repeated, table[(ids * 2)[:16]])  # repeated to k
+    assert torch.equal(encoder(5).embedding.weight.detach(), table[ids[:5]])  # cut to k
+    torch.manual_seed(0)
+    sampled = encoder(8, init="vocab").embedding.weight.detach()
+    assert all(any(torch.equal(row, vocab_row) for vocab_row in table) for row in sampled)  # rows of the vocabulary
+    mlp = encoder(16, kind="mlp")
+    assert torch.equal(mlp.embedding.weight.detach(), repeated)  # the MLP's input starts at the text tokens
+    output = mlp(torch.arange(16))
+    assert output.shape == (16, 64) and not torch.equal(output.detach(), repeated)
+    assert any(name.startswith("mlp_head.") for name, _ in mlp.named_parameters())
+
+
+# --- bad input: one line each, exit 2, before weights load -----------------------------------------------------
+
+
+def test_bad_ptune_settings_are_reported_at_once(common, capsys, no_weights):  # noqa: F811
+    argv = [*common, "--stage", "ptune", "--num_virtual_tokens", "0", "--ptune_learning_rate", "0"]
+    code, errors = run_main([*argv, "--ptune_epochs", "0"], capsys)
+    assert code == 2 and errors == [
+        "error: NUM_VIRTUAL_TOKENS (--num_virtual_tokens) must be >= 1; got 0. Typical: 8-32.",
+        "error: PTUNE_LEARNING_RATE (--ptune_learning_rate) must be > 0; got 0.0. Typical: 1e-2.",
+        "error: PTUNE_EPOCHS (--ptune_epochs) must be > 0 (or set PTUNE_MAX_STEPS (--ptune_max_steps)).",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num_virtual_tokens", "128"], "NUM_VIRTUAL_TOKENS (--num_virtual_tokens) = 128 leaves no room for a prompt"),
+        (["--preference_text", " ", "--training_mode", "embedding"],
+         "PREFERENCE_TEXT (--preference_text) is empty: PTUNE_INIT (--ptune_init)=text starts the prompt from its"),
+        (["--stage", "all"], "STAGE (--stage): invalid choice: 'all'"),
+        (["--ptune_objective", "kto"], "PTUNE_OBJECTIVE (--ptune_objective): invalid choice: 'kto'"),
+        (["--ptune_encoder", "lstm"], "PTUNE_ENCODER (--ptune_encoder): invalid choice: 'lstm'"),
+    ],
+)  # fmt: skip
+def test_bad_ptune_setting(common, capsys, no_weights, extra, message):  # noqa: F811
+    code, errors = run_main([*common, "--stage", "ptune", *extra], capsys)
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+
+
+def test_the_ptune_stage_ignores_the_dpo_stage_embedding_file_and_output(common, capsys, no_weights, tmp_path):  # noqa: F811
+    """STAGE=all hands both stages the file the first one writes: ptune must not require it (nor DPO's folder)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run_config.json").write_text("{}")  # a finished DPO run
+    ptune_dir = tmp_path / "prompt"
+    ptune_dir.mkdir()
+    (ptune_dir / SUMMARY_FILE).write_text("{}")  # a finished prompt: this one is refused
+    argv = [*common, "--stage", "ptune", "--training_mode", "embedding", "--ptune_output_dir", str(ptune_dir)]
+    argv += ["--prompt_embedding_path", str(tmp_path / "not_yet.pt")]
+    code, errors = run_main(argv, capsys)
+    assert code == 2 and errors == [
+        f"error: PTUNE_OUTPUT_DIR (--ptune_output_dir) '{ptune_dir}' already holds a learned prompt ({SUMMARY_FILE}); "
+        "set OVERWRITE (--overwrite) to replace it, or choose another PTUNE_OUTPUT_DIR."
+    ]
+
+
+# --- resume after a kill ------------------------------------------------------------------------------------------
+
+
+def load_prompt(folder: Path) -> torch.Tensor:
+    content = torch.load(folder / EMBEDDING_FILE, weights_only=True)
+    assert list(content) == ["prompt_embeddings"]
+    return content["prompt_embeddings"]
+
+
+def test_killed_ptune_stage_resumes_and_matches_uninterrupted(common, capsys, tmp_path, monkeypatch):  # noqa: F811
+    from preference_dpo.checkpoints import COMPLETE_MARKER
+    from preference_dpo.ptune import SoftPromptTrainer
+
+    steps = ["--stage", "ptune", "--ptune_max_steps", "4", "--save_steps", "2", "--test_dataset_path", ""]
+    reference = [*common, *steps, "--ptune_output_dir", str(tmp_path / "ref")]
+    assert run_main(reference, capsys)[0] == 0
+
+    original = SoftPromptTrainer.training_step
+
+    def killed_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise SystemExit("simulated SIGKILL: no chance to save")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SoftPromptTrainer, "training_step", killed_at_step_3)
+    argv = [*common, *steps, "--ptune_output_dir", str(tmp_path / "prompt")]
+    with pytest.raises(SystemExit):
+        run_main(argv, capsys)
+    out = tmp_path / "prompt"
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).exists() and not (out / SUMMARY_FILE).exists()
+    assert {p.name for p in (out / "checkpoint-2").iterdir()} >= {"model.safetensors", "optimizer.pt"}
+    assert (out / "checkpoint-2" / "model.safetensors").stat().st_size < 10_000  # the prompt, not the model
+
+    monkeypatch.setattr(SoftPromptTrainer, "training_step", original)
+    code, _, log = run_main(argv, capsys, full_log=True)  # the same command again
+    assert code == 0 and f"Resuming from {out / 'checkpoint-2'}" in log
+    assert json.loads((out / SUMMARY_FILE).read_text())["global_step"] == 4
+    # CPU, fp32, RNG and data order restored: equal up to float rounding
+    torch.testing.assert_close(load_prompt(out), load_prompt(tmp_path / "ref"), rtol=1e-5, atol=1e-6)
+
+
+# --- the launcher -------------------------------------------------------------------------------------------------
+
+
+def dry_run(**env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    result = subprocess.run(
+        ["bash", str(REPO / "fast_train.sh")], env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True, text=True
+    )
+    return result, [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[len(argv) - 1 - argv[::-1].index(name) + 1]  # the last occurrence, as argparse reads it
+
+
+@pytest.mark.parametrize(
+    ("env", "prefix", "contains"),
+    [
+        ({"DEVICE": "cpu"}, ["python3"], []),
+        ({"DEVICE": "cpu", "CPU_RANKS": "2"}, ["env"], ["deepspeed", "--num_gpus=2", str(REPO / "ds_config.json")]),
+        ({"DEVICE": "gpu", "GPU_NODES": "localhost:1,2"}, ["env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"],
+         ["deepspeed", "--include=localhost:1,2", str(REPO / "ds_config.json")]),
+        ({"DEVICE": "gpu", "ZERO_STAGE": "3"}, ["env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"],
+         ["deepspeed", "--include=localhost:0", str(REPO / "ds_config_zero3.json")]),
+    ],
+)  # fmt: skip
+def test_stage_all_prints_ptune_then_dpo_in_embedding_mode(tmp_path, env, prefix, contains):
+    out = tmp_path / "out"
+    result, commands = dry_run(STAGE="all", OUTPUT_DIR=str(out), LOG_DIR=str(tmp_path / "logs"), **env)
+    assert result.returncode == 0, result.stderr
+    assert [argv[-2:] for argv in commands] == [["--stage", "ptune"], ["--stage", "dpo"]]
+    ptune, dpo = commands
+    assert ptune[:-2] == dpo[:-2]  # the same launcher form and settings; only the stage differs
+    assert ptune[: len(prefix)] == prefix and set(contains) <= set(ptune), ptune[:8]
+    assert flag(dpo, "--training_mode") == "embedding"
+    assert flag(dpo, "--prompt_embedding_path") == str(out / "ptune" / EMBEDDING_FILE)
+    assert flag(ptune, "--ptune_output_dir") == str(out / "ptune")
+
+
+def test_stage_forms_and_errors_of_the_launcher(tmp_path):
+    out = tmp_path / "out"
+    _, commands = dry_run(DEVICE="cpu", STAGE="ptune", OUTPUT_DIR=str(out))
+    assert len(commands) == 1 and commands[0][-2:] == ["--stage", "ptune"]
+    assert flag(commands[0], "--training_mode") == "text"  # STAGE=ptune changes no DPO setting
+    _, commands = dry_run(DEVICE="cpu", OUTPUT_DIR=str(out))
+    assert len(commands) == 1 and commands[0][-2:] == ["--stage", "dpo"]  # the default
+    result, _ = dry_run(DEVICE="cpu", STAGE="both")
+    assert result.returncode == 2 and result.stderr == "fast_train.sh: error: STAGE='both' must be dpo, ptune or all.\n"
+    result, _ = dry_run(DEVICE="cpu", STAGE="all", PROMPT_EMBEDDING_PATH="/x.pt")
+    assert result.returncode == 2 and "leave PROMPT_EMBEDDING_PATH empty" in result.stderr
+    # a prompt learned already: STAGE=all goes on with DPO (rerunning after a kill in DPO resumes there)
+    (out / "ptune").mkdir(parents=True)
+    (out / "ptune" / SUMMARY_FILE).write_text("{}")
+    result, commands = dry_run(DEVICE="cpu", STAGE="all", OUTPUT_DIR=str(out))
+    assert [argv[-1] for argv in commands] == ["dpo"] and "already holds a learned prompt; using it" in result.stderr
+    _, commands = dry_run(DEVICE="cpu", STAGE="all", OUTPUT_DIR=str(out), OVERWRITE="true")
+    assert [argv[-1] for argv in commands] == ["ptune", "dpo"]
+
+
+def event_scalars(path: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(path))
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def test_stage_all_end_to_end(tmp_path, tiny_model_dir, small_data):
+    """The real launcher: learn a prompt (3 steps), write the file, train DPO in embedding mode with it (2 steps)."""
+    env = {"STAGE": "all", "PTUNE_MAX_STEPS": "3", "MAX_STEPS": "2", "EVAL_STEPS": "100", "PER_DEVICE_BATCH_SIZE": "4"}
+    out, logs, result = run_launcher(tmp_path, tiny_model_dir, small_data, **env)
+    prompt_dir = out / "ptune"
+    # the file embedding mode reads: one float32 [k, hidden] tensor, loadable without pickled code, twice
+    embeddings = load_prompt(prompt_dir)
+    assert embeddings.dtype == torch.float32 and embeddings.shape == (16, 64) and torch.isfinite(embeddings).all()
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(prompt_dir / SAFETENSORS_FILE))["prompt_embeddings"], embeddings)
+    summary = json.loads((prompt_dir / SUMMARY_FILE).read_text())
+    assert summary["global_step"] == 3 and summary["settings"]["num_virtual_tokens"] == 16
+    assert summary["prompt_embeddings"] == {"key": "prompt_embeddings", "shape": [16, 64]}
+    comparison = summary["held_out_comparison"]
+    assert {"without_prompt", "preference_text", "initial_prompt", "learned_prompt"} <= set(comparison)
+    assert all(row["pairs"] == 16 and 0 <= row["accuracy"] <= 1 for row in comparison.values())
+    assert not {".tokenized", ".final_outputs_incomplete"} & {p.name for p in prompt_dir.iterdir()}
+    # then DPO, in embedding mode with that file
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["training"]["training_mode"] == "embedding"
+    assert config["training"]["prompt_embedding_path"] == str(prompt_dir / EMBEDDING_FILE)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    # TensorBoard: one events file per stage in LOG_DIR; the ptune stage's tags all under ptune/ and ptune_eval/
+    events = sorted(logs.glob("events.out.tfevents*"), key=os.path.getmtime)
+    assert len(events) == 2
+    ptune_tags, dpo_tags = event_scalars(events[0]), event_scalars(events[1])
+    assert {tag for pair in PTUNE_METRIC_TAGS.values() for tag in pair} <= set(ptune_tags)
+    assert all(tag.startswith(("ptune/", "ptune_eval/")) for tag in ptune_tags), sorted(ptune_tags)
+    assert len(ptune_tags["ptune/loss"]) == 3 and all(math.isfinite(v) for v in ptune_tags["ptune/loss"])
+    assert "loss/train" in dpo_tags and not any(tag.startswith("ptune") for tag in dpo_tags)
+    # the console: the held-out comparison, in the launcher's log with both stages
+    log = next((logs / "runs").iterdir()).read_text()
+    for row in ("without a prompt", "PREFERENCE_TEXT instruction", "initial soft prompt (text)",
+                "learned soft prompt (16 tokens)"):  # fmt: skip
+        assert row in log
+    assert "Learned a 16-token soft prompt in 3 steps" in log and "Finished 2 steps" in log
+
+    # the same command again: the prompt is kept and reused, and the finished DPO run is not clobbered
+    before = (prompt_dir / EMBEDDING_FILE).read_bytes()
+    _, _, again = run_launcher(tmp_path, tiny_model_dir, small_data, expect_returncode=2, **env)
+    assert "already holds a learned prompt; using it" in again.stderr
+    assert "already holds a finished run" in again.stdout
+    assert (prompt_dir / EMBEDDING_FILE).read_bytes() == before
