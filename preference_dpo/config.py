@@ -449,6 +449,7 @@ def _distill_problems(model: ModelArguments, train: PreferenceDPOConfig, zero_st
             f"--distill_reduction applies to {describe('align_loss')}=distill or ref_distill; with "
             f"{train.align_loss} leave it at token_mean."
         )
+    return problems
 
 
 def _ptune_problems(train: PreferenceDPOConfig) -> list[str]:
