@@ -1,6 +1,7 @@
 """Issue 10 item 7 and issue 13 item 2: settings that are legal must run, nonsense must stop in one line.
 
-Hub model ids from the offline cache, PRECISION=bf16 (and fp16) on CPU against fp32, LORA_TARGET_MODULES lists.
+Hub model ids from the offline cache, PRECISION=bf16 (and fp16) on CPU against fp32, LORA_TARGET_MODULES
+lists, the skipped-batch count, and `ref_hinge` without TRL's reference precompute under DeepSpeed.
 """
 
 import json
@@ -269,3 +270,46 @@ def test_half_precision_on_cpu_matches_fp32(precision, fp32_logs, sharp_model_di
     # the comparison has something to compare: the instruction moves log-probs, step 1 moved the policy
     assert logs[0]["distill_loss"] > 0.1 and abs(logs[0]["pref_delta_l"]) > 1
     assert logs[1]["rewards/margins"] > 0.3
+
+
+# --- the skipped-batch count ----------------------------------------------------------------------------------
+
+
+def test_skipped_batches_log_their_count_not_a_windowed_mean(common, capsys, monkeypatch, tmp_path):
+    """Three skips in one logging window log 3 (before: the mean of the running totals 1, 2, 3 = 2)."""
+    from .test_reliability import nan_from_call
+
+    nan_from_call(monkeypatch, 1)  # every training batch is NaN
+    argv = [*common, "--max_steps", "4", "--logging_steps", "3", "--skip_nonfinite_batches", "true"]
+    code, errors = run_main(argv, capsys)
+    assert code == 0, errors
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    counts = [(h["step"], h["nonfinite_batches_skipped"]) for h in history if "nonfinite_batches_skipped" in h]
+    assert counts == [(3, 3.0), (4, 4.0)]  # the running total, at every log
+
+
+# --- ref_hinge without TRL's precompute under DeepSpeed ---------------------------------------------------
+
+
+def test_ref_hinge_without_reference_precompute_under_zero3(tmp_path, tiny_model_dir, small_data):
+    """Before `train` prepares the policy, ZeRO-3 holds its parameters sharded (a forward on them fails); the
+    reference's guided margins are computed through DeepSpeed's inference engine with or without TRL's
+    reference precompute. One DeepSpeed rank on CPU (sharding happens at any world size), 2 steps."""
+    train = write_jsonl(tmp_path / "train.jsonl", head_rows(small_data[0], 8))
+    test = write_jsonl(tmp_path / "test.jsonl", head_rows(small_data[1], 4))
+    out = tmp_path / "out"
+    argv = [
+        "deepspeed", "--num_gpus=1", "--master_port=29563", str(REPO / "train_with_preference_prompt.py"),
+        "--deepspeed", str(REPO / "ds_config_zero3.json"), "--model_name_or_path", str(tiny_model_dir),
+        "--train_dataset_path", str(train), "--test_dataset_path", str(test), "--output_dir", str(out),
+        "--log_dir", str(tmp_path / "logs"), "--align_loss", "ref_hinge", "--aligned_loss_weight", "0.5",
+        "--precompute_ref_log_probs", "false", "--per_device_train_batch_size", "4", "--max_steps", "2",
+        "--logging_steps", "1", "--eval_steps", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}  # as fast_train.sh
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    train_logs = [h for h in history if "loss" in h]
+    assert len(train_logs) == 2 and all(h["ref_hinge_loss"] >= 0 for h in train_logs)
+    assert any("eval_ref_hinge_loss" in h for h in history)
