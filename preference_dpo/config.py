@@ -134,6 +134,17 @@ class ModelArguments(ModelConfig):
         },
     )
 
+    def __post_init__(self):
+        super().__post_init__()  # TRL turns a one-element list into a plain string
+        # The launcher passes LORA_TARGET_MODULES as one argument ("q_proj,v_proj" or "q_proj v_proj"). PEFT reads a
+        # string as a regex over the full module path ("q_proj" alone matches nothing) and a list as module names,
+        # so names stay a list, and only `all-linear`, PEFT's keyword, stays a string.
+        parts = self.lora_target_modules
+        if parts is not None:
+            parts = [parts] if isinstance(parts, str) else parts
+            names = [name for part in parts for name in re.split(r"[,\s]+", part) if name]
+            self.lora_target_modules = "all-linear" if names == ["all-linear"] else names
+
 
 @dataclass
 class PreferenceDPOConfig(DPOConfig):
@@ -303,8 +314,15 @@ class PreferenceDPOConfig(DPOConfig):
             self.ptune_output_dir = os.path.join(self.output_dir, "ptune")
         if self.log_dir is None:
             self.log_dir = os.path.join("logs", self.run_name or DEFAULT_RUN_NAME)
-        if self.precision in PRECISIONS:  # an unknown value is reported by `validate`
+        # an unknown value, or bf16 on a device without it, is reported by `validate`
+        if self.precision in PRECISIONS and _precision_problem(self.precision, self.use_cpu) is None:
             self.bf16, self.fp16 = _resolve_precision(self.precision)
+            if self.bf16 and not self.use_cpu:
+                import torch
+
+                # transformers refuses bf16 without a GPU unless told that the run is on CPU, which it then is
+                # anyway; torch runs bf16 (autocast and bf16 weights) on CPU.
+                self.use_cpu = not torch.accelerator.is_available()
         super().__post_init__()
 
 
@@ -315,6 +333,46 @@ def _resolve_precision(precision: str) -> tuple[bool, bool]:
 
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()), False
     return precision == "bf16", precision == "fp16"
+
+
+def _precision_problem(precision: str, use_cpu: bool) -> str | None:
+    """Why `precision` cannot run on this machine, or None. bf16 runs on CPU and on GPUs that support it."""
+    if precision != "bf16" or use_cpu:
+        return None
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if torch.accelerator.is_available() and not is_torch_bf16_gpu_available():
+        device = torch.accelerator.current_accelerator().type
+        return f"{describe('precision')}=bf16: this {device} device does not support bf16; use fp16 or fp32 (or auto)."
+    return None
+
+
+def _model_problem(flag: str, path: str, revision: str | None) -> str | None:
+    """Why `path` is neither a model folder nor a Hub model id that transformers can load here, or None.
+
+    As in transformers: an existing folder is local; anything else shaped like a Hub id (`org/name` or `name`) is
+    one, read from the local Hub cache or downloaded. Offline (HF_HUB_OFFLINE=1), it must be in the cache.
+    """
+    if os.path.isdir(path):
+        return None
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    hint = " Run ./fast_train.sh once to build the embedded default." if flag == "model_name_or_path" else ""
+    if os.path.exists(path):
+        return f"{describe(flag)}: {path!r} is a file; give the model's folder.{hint}"
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return f"{describe(flag)}: no such model folder {path!r}.{hint}"
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, "config.json", revision=revision), str):
+        return (
+            f"{describe(flag)}: {path!r} is neither a model folder nor a Hub model in the local cache "
+            f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it: give a model folder, or "
+            f"download the model first (`hf download {path}`, without HF_HUB_OFFLINE).{hint}"
+        )
+    return None  # online: transformers downloads it, and `pipeline.check_causal_lm` reports a failure in one line
 
 
 def _check_choice(problems: list[str], flag: str, value, choices) -> None:
@@ -334,6 +392,9 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
     _check_choice(problems, "stage", train.stage, STAGES)
     if train.stage == "ptune":
         problems += _ptune_problems(train)
+    precision_problem = _precision_problem(train.precision, train.use_cpu)
+    if precision_problem:
+        problems.append(precision_problem)
     if train.training_mode == "text" and not train.preference_text.strip():
         problems.append(f"{describe('preference_text')} is empty: text mode needs the instruction text.")
     if train.training_mode == "embedding" and train.stage != "ptune":  # ptune writes the file, never reads it
@@ -363,6 +424,12 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
         positive("lora_alpha", model.lora_alpha, hint=" Usually 2 * LORA_R.")
         if not 0 <= model.lora_dropout < 1:
             problems.append(f"{describe('lora_dropout')} must be in [0, 1); got {model.lora_dropout}.")
+        targets = model.lora_target_modules
+        if not targets or (isinstance(targets, list) and "all-linear" in targets):
+            problems.append(
+                f"{describe('lora_target_modules')} must be module names (comma- or space-separated, e.g. "
+                f"q_proj,v_proj) or all-linear; got {targets!r}."
+            )
     if train.max_length is None or train.max_length < 2:
         problems.append(f"{describe('max_length')} must be >= 2; got {train.max_length}.")
     elif not 1 <= train.max_prompt_length < train.max_length:
@@ -394,13 +461,13 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
             f"{describe('test_dataset_path')}: no such file or folder {data.test_dataset_path!r} "
             "(leave it empty for no evaluation)."
         )
-    for flag, path in (
-        ("model_name_or_path", model.model_name_or_path),
-        ("reference_model_path", model.reference_model_path),
+    for flag, path, revision in (
+        ("model_name_or_path", model.model_name_or_path, model.model_revision),
+        ("reference_model_path", model.reference_model_path, None),
     ):
-        if path and _looks_local(path) and not os.path.isdir(path):
-            hint = " Run ./fast_train.sh once to build the embedded default." if flag == "model_name_or_path" else ""
-            problems.append(f"{describe(flag)}: no such model folder {path!r}.{hint}")
+        problem = _model_problem(flag, path, revision) if path else None
+        if problem:
+            problems.append(problem)
     if train.output_dir and train.stage != "ptune":  # the ptune stage writes to ptune_output_dir only
         from .checkpoints import check_output_dir
 
@@ -494,13 +561,6 @@ def _zero_stage(deepspeed) -> int | None:
 
     config = deepspeed if isinstance(deepspeed, dict) else json.loads(Path(deepspeed).read_text())
     return config.get("zero_optimization", {}).get("stage")
-
-
-def _looks_local(path: str) -> bool:
-    """A Hub id is `org/name`; anything else (./x, /x, x/y/z, a bare folder name) is a local path."""
-    if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
-        return True
-    return path.count("/") != 1 or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
 def _configure_cpu_deepspeed(argv: list[str]) -> list[str]:

@@ -43,13 +43,14 @@ def file_backed(dataset, folder: Path, train_args: PreferenceDPOConfig):
     return load_from_disk(str(folder))
 
 
-def check_causal_lm(path: str, flag: str, trust_remote_code: bool):
-    """The model's config, loaded without weights; `UserInputError` unless it is a causal LM."""
+def check_causal_lm(path: str, flag: str, trust_remote_code: bool, revision: str | None = None):
+    """The model's config, loaded without weights (a Hub id: from the cache, or downloaded); `UserInputError`
+    unless it is a causal LM."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserInputError(f"{describe(flag)} {path!r}: cannot load a model config ({first_line}).") from None
@@ -58,6 +59,42 @@ def check_causal_lm(path: str, flag: str, trust_remote_code: bool):
             f"{describe(flag)} {path!r}: model type {config.model_type!r} is not a causal language model."
         )
     return config
+
+
+def check_lora_targets(config, targets, trust_remote_code: bool) -> None:
+    """`UserInputError` unless every name in `targets` (LORA_TARGET_MODULES) is a module LoRA can adapt.
+
+    Module names are not in the model's config, so they are read from the model built on the meta device
+    (no weights, no memory); names match as in PEFT: the full module path or its last components.
+    """
+    if not isinstance(targets, list):
+        return  # all-linear: PEFT finds the layers itself
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    nn = torch.nn
+    adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+    modules = dict(model.named_modules())
+    missing, wrong = [], []
+    for name in targets:
+        matched = [m for key, m in modules.items() if key == name or key.endswith(f".{name}")]
+        if not matched:
+            missing.append(repr(name))
+        elif not all(isinstance(m, adaptable) for m in matched):
+            kinds = sorted({type(m).__name__ for m in matched if not isinstance(m, adaptable)})
+            wrong.append(f"{name!r} ({', '.join(kinds)})")
+    if missing or wrong:
+        found = sorted({key.rsplit(".", 1)[-1] for key, m in modules.items() if key and isinstance(m, adaptable)})
+        parts = [f"no module named {', '.join(missing)}"] if missing else []
+        parts += [f"not a layer LoRA can adapt: {', '.join(wrong)}"] if wrong else []
+        raise UserInputError(
+            f"{describe('lora_target_modules')}: {'; '.join(parts)} in {type(model).__name__}. Its layers LoRA can "
+            f"adapt: {', '.join(found)} (or all-linear)."
+        )
 
 
 def library_versions() -> dict[str, str]:
@@ -90,7 +127,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     started = time.monotonic()
     remote = train_args.trust_remote_code
     # --- everything checkable without weights ---
-    config = check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote)
+    revision = model_args.model_revision
+    config = check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote, revision)
     if model_args.reference_model_path:
         check_causal_lm(model_args.reference_model_path, "reference_model_path", remote)
     vocab_size = config.get_text_config().vocab_size
@@ -99,13 +137,16 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
             f"--distill_top_k {train_args.distill_top_k} exceeds the model's vocabulary ({vocab_size} tokens); "
             f"use at most {vocab_size} (the exact KL)."
         )
+    if model_args.use_peft:
+        check_lora_targets(config, model_args.lora_target_modules, remote)
     prompt_embedding = None
     if train_args.training_mode == "embedding":
         prompt_embedding = load_prompt_embedding(train_args.prompt_embedding_path, config.get_text_config().hidden_size)
         logger.info("Prompt embedding: %d virtual tokens of size %d", *prompt_embedding.shape)
     num_soft_tokens = 0 if prompt_embedding is None else prompt_embedding.shape[0]
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=remote)
+    model_path = model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=remote, revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenize_kwargs = {
@@ -140,7 +181,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     # --- weights ---
     dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32
     load_kwargs = {"dtype": dtype, "trust_remote_code": remote}
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, revision=revision, **load_kwargs)
     ref_model = None
     if model_args.reference_model_path:
         ref_model = AutoModelForCausalLM.from_pretrained(model_args.reference_model_path, **load_kwargs)

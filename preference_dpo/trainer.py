@@ -153,7 +153,17 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             DataLoader(dataset, batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size,
                        collate_fn=self.data_collator, shuffle=False, num_workers=self.args.dataloader_num_workers)
         )  # fmt: skip
-        model, adapter_off = self._reference(getattr(self, "_precompute_engine", None) or self.model)
+        policy = self.model
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            # Before `train` prepares the policy, DeepSpeed keeps its parameters on CPU (ZeRO-2) or sharded (ZeRO-3):
+            # run it through TRL's inference engine, built here when TRL's own precompute (off with
+            # --precompute_ref_log_probs false) has not built it.
+            if self._precompute_engine is None:
+                from trl.models import prepare_deepspeed
+
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            policy = self._precompute_engine
+        model, adapter_off = self._reference(policy)
         chosen, rejected = [], []
         was_training = self.model.training
         self.model.eval()
@@ -451,12 +461,16 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
     def _check_finite(self, loss, dpo_loss, aligned):
         """Stop with an error on a NaN/Inf loss, or skip the batch with `--skip_nonfinite_batches`."""
         finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
+        if not finite and self.args.skip_nonfinite_batches:
+            self.nonfinite_batches_skipped += 1
+        if self.nonfinite_batches_skipped:
+            # TRL's `log` averages each list over the window: one element holding the running total logs the
+            # total (as TRL logs `num_tokens`), not the mean of 1, 2, 3 ...; every window from the first skip on.
+            self._metrics["train"]["nonfinite_batches_skipped"] = [self.nonfinite_batches_skipped]
         if finite:
             return loss
         step = self.state.global_step + 1
         if self.args.skip_nonfinite_batches:
-            self.nonfinite_batches_skipped += 1
-            self._metrics["train"]["nonfinite_batches_skipped"].append(self.nonfinite_batches_skipped)
             # A fresh leaf: backward through it leaves every gradient untouched.
             return loss.new_zeros((), requires_grad=True)
         parts = f"dpo_loss={dpo_loss.item():.4g}"
