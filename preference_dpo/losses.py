@@ -107,22 +107,45 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
 
 
+@dataclass(frozen=True)
+class LMHead:
+    """A causal LM's output layer as TRL's fused LM head applies it when it scores the base view:
+    `logits = softcap(logit_scale * (hidden @ weight.T + bias))`, with `softcap(z) = c * tanh(z / c)` for
+    models that cap their final logits (Gemma-2/3) and `logit_scale` for those that scale them (Cohere,
+    Granite, Falcon-H1, ...). Logits come out in float32, the scale and cap applied in float32 as TRL does.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    final_logit_softcapping: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = F.linear(hidden, self.weight, self.bias).float()
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.final_logit_softcapping is not None:
+            z = self.final_logit_softcapping * torch.tanh(z / self.final_logit_softcapping)
+        return z
+
+
 def chunked_distill_kl(
-    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, lm_head_weight: torch.Tensor, chunk: int = 256
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, lm_head: LMHead, chunk: int = 256
 ) -> torch.Tensor:
-    """`distill_kl` of the logits `hidden @ lm_head_weight.T`, `chunk` rows at a time.
+    """`distill_kl` of the logits `lm_head.logits(hidden)`, `chunk` rows at a time.
 
     Each chunk's logits are recomputed in the backward pass (activation checkpointing), so memory stays at
     one chunk of [chunk, vocab] logits however many response tokens and however large the vocabulary.
     """
     from torch.utils.checkpoint import checkpoint
 
-    def chunk_sum(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return distill_kl(s @ w.T, t @ w.T) * s.size(0)
+    def chunk_sum(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return distill_kl(lm_head.logits(s), lm_head.logits(t)) * s.size(0)
 
     rows = student_hidden.size(0)
     total = student_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows, chunk):
         s, t = student_hidden[start : start + chunk], teacher_hidden[start : start + chunk].detach()
-        total = total + checkpoint(chunk_sum, s, t, lm_head_weight, use_reentrant=False)
+        # non-reentrant checkpointing also tracks the head's weights, used from the closure
+        total = total + checkpoint(chunk_sum, s, t, use_reentrant=False)
     return total / max(rows, 1)

@@ -23,8 +23,9 @@ import torch
 from trl import DPOTrainer
 
 from .checkpoints import last_complete_checkpoint, mark_complete
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, UserInputError
 from .losses import (
+    LMHead,
     aligned_active,
     aligned_loss,
     chunked_distill_kl,
@@ -95,10 +96,52 @@ def _registered(handle) -> bool:
     return hooks is not None and handle.id in hooks
 
 
-def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256):
-    """log p(target) for rows of hidden states through the LM head `weight`, `chunk` rows of logits at a time."""
+def lm_head_of(causal_lm) -> LMHead:
+    """`causal_lm`'s LM head with the logit scale and final soft-cap its config declares, read from the same
+    fields, in the same order, as TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) reads them to
+    score the base view; so what is scored from hidden states here matches the base view."""
+    config = causal_lm.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)  # Cohere; None on models that do not scale (MPT)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)  # Falcon-H1
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide the logits by it, HyperCLOVA X multiplies them by it
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    head = causal_lm.get_output_embeddings()
+    return LMHead(
+        weight=head.weight,
+        bias=head.bias,
+        logit_scale=1.0 if scale is None else float(scale),
+        final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
+    )
+
+
+def check_lm_head(causal_lm, head: LMHead) -> None:
+    """`UserInputError` unless the model's own logits are `head.logits` of its last hidden states (a few tokens,
+    eval mode, no gradient): a model that post-processes its logits in another way would get silently wrong
+    log-probs wherever they are scored from hidden states."""
+    vocab_size = causal_lm.config.get_text_config().vocab_size
+    ids = (torch.arange(8, device=head.weight.device) % vocab_size)[None]
+    with torch.no_grad(), evaluation_mode(causal_lm):
+        own = causal_lm(input_ids=ids).logits.float()
+        ours = head.logits(causal_lm.base_model(input_ids=ids).last_hidden_state)
+    gap = (own - ours).abs().max().item()
+    # bf16 rounding stays far below 1% of the largest logit; a missing cap or scale goes far above
+    if gap > 1e-2 * max(1.0, own.abs().max().item()):
+        raise UserInputError(
+            f"Model {causal_lm.config.name_or_path!r} ({causal_lm.config.model_type}): its logits are not its LM head "
+            f"applied to its last hidden states (largest difference {gap:.3g}). Scoring from hidden states supports "
+            "an LM-head bias, logit scaling and final-logit soft-capping, as TRL's fused LM head does; this model does "
+            "something else, so ALIGN_LOSS=distill cannot train it correctly. Use ALIGN_LOSS=hinge or ref_hinge."
+        )
+
+
+def token_logps_from_hidden(hidden: torch.Tensor, lm_head: LMHead, targets: torch.Tensor, chunk: int = 256):
+    """log p(target) for rows of hidden states through `lm_head`, `chunk` rows of logits at a time."""
     parts = [
-        torch.log_softmax((hidden[i : i + chunk] @ weight.T).float(), dim=-1)
+        torch.log_softmax(lm_head.logits(hidden[i : i + chunk]), dim=-1)
         .gather(-1, targets[i : i + chunk, None])
         .squeeze(-1)
         for i in range(0, hidden.size(0), chunk)
@@ -124,6 +167,9 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         self.nonfinite_batches_skipped = 0
         super().__init__(*args, **kwargs)
         self._restore_lora_dropout()
+        if self.args.align_loss == "distill":  # the loss whose log-probs are scored from hidden states
+            causal_lm = self._unwrapped(self.model)[1]
+            check_lm_head(causal_lm, lm_head_of(causal_lm))
         if uses_reference_target(self.args.align_loss):
             self.train_dataset = self._precompute_ref_guided_logps(self.train_dataset, "train")
             if self.eval_dataset is not None:
@@ -277,8 +323,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         targets = labels[:, 1:]
         scored = targets != -100
         token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-        weight = causal_lm.get_output_embeddings().weight
-        token_logps[scored] = token_logps_from_hidden(hidden[scored], weight, targets[scored])
+        token_logps[scored] = token_logps_from_hidden(hidden[scored], lm_head_of(causal_lm), targets[scored])
         logps = token_logps.sum(dim=1)
         in_base_order = torch.cat([hidden[0::2], hidden[1::2]])[torch.cat([scored[0::2], scored[1::2]])]
         return logps[0::2], logps[1::2], in_base_order
@@ -335,7 +380,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             if distill:
                 response = base["completion_mask"][:, 1:].bool()
                 student = backbone_outputs[0].last_hidden_state[:, :-1][response]
-                aligned = chunked_distill_kl(student, teacher, causal_lm.get_output_embeddings().weight)
+                aligned = chunked_distill_kl(student, teacher, lm_head_of(causal_lm))
             else:
                 aligned = aligned_loss(self.args.align_loss, target, h_base)
             if weight > 0:

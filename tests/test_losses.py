@@ -111,14 +111,14 @@ def test_distill_kl_hand_computed_and_gradient_only_through_the_student():
 
 
 def test_chunked_distill_equals_unchunked_in_value_and_gradient():
-    from preference_dpo.losses import chunked_distill_kl, distill_kl
+    from preference_dpo.losses import LMHead, chunked_distill_kl, distill_kl
 
     gen = torch.Generator().manual_seed(0)
     student = torch.randn(7, 5, generator=gen, requires_grad=True)
     teacher = torch.randn(7, 5, generator=gen)
     weight = torch.randn(11, 5, generator=gen, requires_grad=True)
     full = distill_kl(student @ weight.T, teacher @ weight.T)
-    chunked = chunked_distill_kl(student, teacher, weight, chunk=3)  # 3 + 3 + 1 rows
+    chunked = chunked_distill_kl(student, teacher, LMHead(weight), chunk=3)  # 3 + 3 + 1 rows
     assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
     grads_full = torch.autograd.grad(full, (student, weight))
     grads_chunked = torch.autograd.grad(chunked, (student, weight))
