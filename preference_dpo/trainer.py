@@ -7,6 +7,9 @@ What it relies on in TRL 1.16 (pinned; `tests/test_trl_contract.py` fails loudly
   log-probs with gradient come from TRL's own forward: no second forward with gradient.
 - `_prepare_dataset`, `_set_signature_columns_if_needed`, `compute_ref_log_probs` and the
   `self._metrics[mode]` lists that `log` averages.
+- `DPOConfig.disable_dropout` zeroes every dropout, LoRA's included (undone for the trained adapter), and the
+  fused head reads the LM-head bias, logit scale and final soft-cap from the config as `lm_head_of` does
+  (`tests/test_correctness.py` checks both).
 - For the shared-prompt guided view: the fused forward passes `past_key_values` and `position_ids`
   through to the backbone, whose attention layers extend a given cache even though the fused head sets
   `use_cache=False` (`test_shared_prompt_guided_view_equals_full_guided_view` fails if not).
@@ -132,9 +135,10 @@ def check_lm_head(causal_lm, head: LMHead) -> None:
     if gap > 1e-2 * max(1.0, own.abs().max().item()):
         raise UserInputError(
             f"Model {causal_lm.config.name_or_path!r} ({causal_lm.config.model_type}): its logits are not its LM head "
-            f"applied to its last hidden states (largest difference {gap:.3g}). Scoring from hidden states supports "
-            "an LM-head bias, logit scaling and final-logit soft-capping, as TRL's fused LM head does; this model does "
-            "something else, so ALIGN_LOSS=distill cannot train it correctly. Use ALIGN_LOSS=hinge or ref_hinge."
+            f"applied to its last hidden states (largest difference {gap:.3g}). Scoring from hidden states "
+            "(ALIGN_LOSS=distill here, and TRL's fused LM head for every log-prob of the DPO loss) supports an LM-head "
+            "bias, logit scaling and final-logit soft-capping; this model post-processes its logits otherwise and is "
+            "not supported."
         )
 
 
@@ -270,7 +274,8 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         `return_hidden` (shared-prompt layout only) also returns the final hidden states at the response
         positions, ordered like the base view's (chosen rows, then rejected rows, tokens in order).
         """
-        with torch.no_grad(), evaluation_mode(model):
+        # the unwrapped model: a DeepSpeed engine's own `training` flag stays True whatever mode its module is in
+        with torch.no_grad(), evaluation_mode(self._unwrapped(model)[0]):
             if "prompt_input_ids" in guided:
                 return self._guided_logps_shared_prompt(model, guided, return_hidden)
             return self._guided_logps_full(model, guided)
