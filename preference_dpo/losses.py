@@ -126,6 +126,29 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
     return (teacher.exp() * (teacher - student)).sum(dim=-1)
 
 
+@dataclass(frozen=True)
+class LMHead:
+    """A causal LM's output layer as TRL's fused LM head applies it when it scores the base view:
+    `logits = softcap(logit_scale * (hidden @ weight.T + bias))`, with `softcap(z) = c * tanh(z / c)` for
+    models that cap their final logits (Gemma-2/3) and `logit_scale` for those that scale them (Cohere,
+    Granite, Falcon-H1, ...). Logits come out in float32, the scale and cap applied in float32 as TRL does.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    final_logit_softcapping: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = F.linear(hidden, self.weight, self.bias).float()
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.final_logit_softcapping is not None:
+            z = self.final_logit_softcapping * torch.tanh(z / self.final_logit_softcapping)
+        return z
+
+
+
 # The smallest probability mass the top-K bucket takes: log(1e-30). It keeps log q_R and log s_R finite when
 # the K ids hold (nearly) all the mass, K = |V| included, where the bucket term is then 1e-30 * 0 = 0.
 LOG_MASS_FLOOR = math.log(1e-30)

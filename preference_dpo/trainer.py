@@ -7,6 +7,9 @@ What it relies on in TRL 1.16 (pinned; `tests/test_trl_contract.py` fails loudly
   log-probs with gradient come from TRL's own forward: no second forward with gradient.
 - `_prepare_dataset`, `_set_signature_columns_if_needed`, `compute_ref_log_probs` and the
   `self._metrics[mode]` lists that `log` averages.
+- `DPOConfig.disable_dropout` zeroes every dropout, LoRA's included (undone for the trained adapter), and the
+  fused head reads the LM-head bias, logit scale and final soft-cap from the config as `lm_head_of` does
+  (`tests/test_correctness.py` checks both).
 - For the shared-prompt guided view: the fused forward passes `past_key_values` and `position_ids`
   through to the backbone, whose attention layers extend a given cache even though the fused head sets
   `use_cache=False` (`test_shared_prompt_guided_view_equals_full_guided_view` fails if not).
@@ -24,9 +27,10 @@ import torch
 from trl import DPOTrainer
 
 from .checkpoints import last_complete_checkpoint, mark_complete
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, UserInputError
 from .losses import (
     DISTILL_FORMS,
+    LMHead,
     aligned_active,
     aligned_loss,
     chunked_rows,
@@ -102,10 +106,53 @@ def _registered(handle) -> bool:
     return hooks is not None and handle.id in hooks
 
 
-def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256):
-    """log p(target) for rows of hidden states through the LM head `weight`, `chunk` rows of logits at a time."""
+def lm_head_of(causal_lm) -> LMHead:
+    """`causal_lm`'s LM head with the logit scale and final soft-cap its config declares, read from the same
+    fields, in the same order, as TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) reads them to
+    score the base view; so what is scored from hidden states here matches the base view."""
+    config = causal_lm.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)  # Cohere; None on models that do not scale (MPT)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)  # Falcon-H1
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide the logits by it, HyperCLOVA X multiplies them by it
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    head = causal_lm.get_output_embeddings()
+    return LMHead(
+        weight=head.weight,
+        bias=head.bias,
+        logit_scale=1.0 if scale is None else float(scale),
+        final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
+    )
+
+
+def check_lm_head(causal_lm, head: LMHead) -> None:
+    """`UserInputError` unless the model's own logits are `head.logits` of its last hidden states (a few tokens,
+    eval mode, no gradient): a model that post-processes its logits in another way would get silently wrong
+    log-probs wherever they are scored from hidden states."""
+    vocab_size = causal_lm.config.get_text_config().vocab_size
+    ids = (torch.arange(8, device=head.weight.device) % vocab_size)[None]
+    with torch.no_grad(), evaluation_mode(causal_lm):
+        own = causal_lm(input_ids=ids).logits.float()
+        ours = head.logits(causal_lm.base_model(input_ids=ids).last_hidden_state)
+    gap = (own - ours).abs().max().item()
+    # bf16 rounding stays far below 1% of the largest logit; a missing cap or scale goes far above
+    if gap > 1e-2 * max(1.0, own.abs().max().item()):
+        raise UserInputError(
+            f"Model {causal_lm.config.name_or_path!r} ({causal_lm.config.model_type}): its logits are not its LM head "
+            f"applied to its last hidden states (largest difference {gap:.3g}). Scoring from hidden states "
+            "(ALIGN_LOSS=distill here, and TRL's fused LM head for every log-prob of the DPO loss) supports an LM-head "
+            "bias, logit scaling and final-logit soft-capping; this model post-processes its logits otherwise and is "
+            "not supported."
+        )
+
+
+def token_logps_from_hidden(hidden: torch.Tensor, lm_head: LMHead, targets: torch.Tensor, chunk: int = 256):
+    """log p(target) for rows of hidden states through `lm_head`, `chunk` rows of logits at a time."""
     parts = [
-        torch.log_softmax((hidden[i : i + chunk] @ weight.T).float(), dim=-1)
+        torch.log_softmax(lm_head.logits(hidden[i : i + chunk]), dim=-1)
         .gather(-1, targets[i : i + chunk, None])
         .squeeze(-1)
         for i in range(0, hidden.size(0), chunk)
@@ -131,6 +178,9 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         self.nonfinite_batches_skipped = 0
         super().__init__(*args, **kwargs)
         self._restore_lora_dropout()
+        if self.args.align_loss in DISTILL_FORMS:  # the losses whose logits are computed from hidden states
+            causal_lm = self._unwrapped(self.model)[1]
+            check_lm_head(causal_lm, lm_head_of(causal_lm))
         precompute = None
         if self.args.align_loss == "ref_distill" and self.args.distill_top_k:
             precompute = self._precompute_topk_teacher
@@ -254,7 +304,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
     def _head_logits(self, causal_lm, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits of final hidden states through the model's LM head (the distillation forms)."""
-        return hidden @ causal_lm.get_output_embeddings().weight.T
+        return lm_head_of(causal_lm).logits(hidden)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -301,7 +351,8 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         `return_hidden` (shared-prompt layout only) also returns the final hidden states at the response
         positions, ordered like the base view's (chosen rows, then rejected rows, tokens in order).
         """
-        with torch.no_grad(), evaluation_mode(model):
+        # the unwrapped model: a DeepSpeed engine's own `training` flag stays True whatever mode its module is in
+        with torch.no_grad(), evaluation_mode(self._unwrapped(model)[0]):
             if "prompt_input_ids" in guided:
                 return self._guided_logps_shared_prompt(model, guided, return_hidden)
             return self._guided_logps_full(model, guided)
@@ -354,8 +405,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         targets = labels[:, 1:]
         scored = targets != -100
         token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-        weight = causal_lm.get_output_embeddings().weight
-        token_logps[scored] = token_logps_from_hidden(hidden[scored], weight, targets[scored])
+        token_logps[scored] = token_logps_from_hidden(hidden[scored], lm_head_of(causal_lm), targets[scored])
         logps = token_logps.sum(dim=1)
         in_base_order = torch.cat([hidden[0::2], hidden[1::2]])[torch.cat([scored[0::2], scored[1::2]])]
         return logps[0::2], logps[1::2], in_base_order

@@ -156,7 +156,9 @@ def launch(tmp_path, model_dir, data, name, **env):
     variables = {
         "DEVICE": "cpu", "POLICY_MODEL_PATH": str(model_dir), "TRAIN_DATASET_PATH": str(train),
         "TEST_DATASET_PATH": str(test), "MAX_STEPS": "4", "LOGGING_STEPS": "1", "EVAL_STEPS": "4",
-        "SAVE_STEPS": "4", "OUTPUT_DIR": str(out), "LOG_DIR": str(logs), "LEARNING_RATE": "1e-2", **env,
+        "SAVE_STEPS": "4", "OUTPUT_DIR": str(out), "LOG_DIR": str(logs), "LEARNING_RATE": "1e-2",
+        "LORA_DROPOUT": "0",  # dropout draws differ with the split over ranks; the runs must compare exactly
+        **env,
     }  # fmt: skip
     result = subprocess.run(["bash", str(LAUNCHER), "--train_sampling_strategy", "sequential"],
                             env={**os.environ, **variables}, capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -213,14 +213,14 @@ def train_with_a_nan_at_step_2(trainer, monkeypatch):
     """Train; the distill term is NaN at step 2 (the NaN guard skips that batch). Returns the training logs."""
     import preference_dpo.trainer as trainer_module
 
-    real, calls = trainer_module.chunked_distill_kl, []
+    real, calls = trainer_module.reduce_token_kl, []
 
     def nan_on_second_call(*args, **kwargs):
         calls.append(1)
         value = real(*args, **kwargs)
         return value * float("nan") if len(calls) == 2 else value
 
-    monkeypatch.setattr(trainer_module, "chunked_distill_kl", nan_on_second_call)
+    monkeypatch.setattr(trainer_module, "reduce_token_kl", nan_on_second_call)
     trainer.train()
     monkeypatch.undo()
     return [h for h in trainer.state.log_history if "loss" in h]
