@@ -238,10 +238,11 @@ on_signal() {
   if [[ -z "$received" ]]; then
     received="$1"
     echo "fast_train.sh: $1: the trainer saves a checkpoint and stops (a second signal kills it at once)." |
-      tee -a "$log_file" >&2
+      tee -a "$log_file" >&2 || true
     [[ -z "$job_pgid" ]] || kill -TERM -- "-$job_pgid" 2>/dev/null || true
   else
-    echo "fast_train.sh: $1 again: killing the training processes; nothing more is saved." | tee -a "$log_file" >&2
+    echo "fast_train.sh: $1 again: killing the training processes; nothing more is saved." |
+      tee -a "$log_file" >&2 || true
     [[ -z "$job_pgid" ]] || kill -KILL -- "-$job_pgid" 2>/dev/null || true
   fi
 }

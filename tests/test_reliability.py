@@ -271,12 +271,12 @@ def test_copies_of_a_signal_are_one_request():
     from preference_dpo.checkpoints import StopOnSignal
 
     for launched in (False, True):
-        stopper = StopOnSignal(signals=(signal.SIGUSR1, signal.SIGUSR2), launched=launched, second_signal_after_s=0.3)
+        stopper = StopOnSignal(signals=(signal.SIGUSR1, signal.SIGUSR2), launched=launched, second_signal_after_s=1.0)
         try:
             os.kill(os.getpid(), signal.SIGUSR1)
             os.kill(os.getpid(), signal.SIGUSR2)  # a copy, right after
             assert stopper.received == signal.SIGUSR1
-            time.sleep(0.4)
+            time.sleep(1.1)
             if launched:
                 os.kill(os.getpid(), signal.SIGUSR1)  # still a copy: ignored
             else:
