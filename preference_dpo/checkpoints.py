@@ -164,16 +164,18 @@ class StopOnSignal(TrainerCallback):
             self.stop_signal = self._agreed_signal(args)
             if self.stop_signal is None:
                 return control
-            where = f"during step {state.global_step + 1}, after micro-batch {self._micro_batches}"
+            step = state.global_step
             if state.is_world_process_zero:
-                logger.warning(
-                    "Stopping on %s %s; %s.",
-                    signal.Signals(self.stop_signal).name,
-                    where if within_step else f"after step {state.global_step}",
-                    f"saving checkpoint-{state.global_step}"
-                    if state.global_step != self._saved_step
-                    else "the last finished step is saved already",
+                where = f"during step {step + 1}, after micro-batch {self._micro_batches}" if within_step else ""
+                saving = (
+                    "no step has finished, nothing to save"
+                    if step == 0
+                    else f"checkpoint-{step} exists already"
+                    if step == self._saved_step
+                    else f"saving checkpoint-{step}"
                 )
+                name = signal.Signals(self.stop_signal).name
+                logger.warning("Stopping on %s %s; %s.", name, where or f"after step {step}", saving)
         control.should_training_stop = True
         control.should_evaluate = False
         control.should_save = control.should_save or state.global_step != self._saved_step
