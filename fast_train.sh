@@ -273,10 +273,48 @@ if [[ "$POLICY_MODEL_PATH" == "$embedded_model" && ! -f "$embedded_model/config.
   (cd "$SCRIPT_DIR" && "$PYTHON" -m preference_dpo.tiny_model --output_dir "$embedded_model")
 fi
 
+# Signals go through this script. The training job (the command and its `tee`) runs in a process group of its own
+# (set -m), so a Ctrl-C in the terminal reaches this shell alone. The first SIGINT or SIGTERM is passed on to the
+# whole job as SIGTERM (the `deepspeed` runner would print a KeyboardInterrupt traceback on SIGINT, and DeepSpeed's
+# launcher sends the ranks SIGTERM anyway): the ranks stop at their next micro-batch and save one checkpoint
+# together, and this script exits with 128 + the signal it got. A second one kills the job at once (SIGKILL).
+job_pgid=""
+received=""
+on_signal() {
+  if [[ -z "$received" ]]; then
+    received="$1"
+    echo "fast_train.sh: $1: the trainer saves a checkpoint and stops (a second signal kills it at once)." |
+      tee -a "$log_file" >&2 || true
+    [[ -z "$job_pgid" ]] || kill -TERM -- "-$job_pgid" 2>/dev/null || true
+  else
+    echo "fast_train.sh: $1 again: killing the training processes; nothing more is saved." |
+      tee -a "$log_file" >&2 || true
+    [[ -z "$job_pgid" ]] || kill -KILL -- "-$job_pgid" 2>/dev/null || true
+  fi
+}
+
+run_job() {
+  local last status
+  trap 'on_signal SIGINT' INT
+  trap 'on_signal SIGTERM' TERM
+  set -m
+  # tee ignores SIGINT/SIGTERM so that it writes the trainer's output to the end.
+  "${cmd[@]}" "$@" </dev/null 2>&1 | (trap '' INT TERM; tee -a "$log_file") &
+  last=$!
+  job_pgid=$(jobs -p %+)
+  set +m
+  [[ -z "$received" ]] || kill -TERM -- "-$job_pgid" 2>/dev/null || true  # a signal that came just before
+  while :; do
+    wait "$last" && status=0 || status=$?
+    kill -0 "$last" 2>/dev/null || break  # still running: a signal cut the wait short
+  done
+  [[ -z "$received" || "$status" -eq 0 ]] || status=$((128 + $(kill -l "$received")))
+  return "$status"
+}
+
 mkdir -p "$LOG_DIR/runs"
 log_file="$LOG_DIR/runs/train_$(date +%Y%m%d_%H%M%S).log"
 echo "fast_train.sh: logging to $log_file" >&2
-# tee ignores SIGINT/SIGTERM so that the trainer, which saves a checkpoint on them, can still write its output.
-for stage in "${stages[@]}"; do  # a failed or interrupted stage stops the script (pipefail): none runs after it
-  "${cmd[@]}" --stage "$stage" 2>&1 | (trap '' INT TERM; tee -a "$log_file")
+for stage in "${stages[@]}"; do  # a failed or interrupted stage stops the script (set -e): none runs after it
+  run_job --stage "$stage"
 done

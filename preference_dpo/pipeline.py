@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import signal
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -187,7 +188,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         ref_model = AutoModelForCausalLM.from_pretrained(model_args.reference_model_path, **load_kwargs)
 
     tensorboard = TensorBoardMetricsCallback(train_args.log_dir)
-    stopper = StopOnSignal()
+    # Started by DeepSpeed's launcher (it passes --local_rank), which forwards signals to the ranks.
+    stopper = StopOnSignal(launched=train_args.local_rank != -1)
     throughput = ThroughputCallback()  # before the TensorBoard writer: it adds its figures to the logs
     trainer = PreferenceGuidedDPOTrainer(
         model=model,
@@ -213,13 +215,17 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         stopper.restore()
     if trainer.is_world_process_zero():
         logger.info("Training: %s", throughput.summary(train_args, trainer.state, time.monotonic() - train_started))
-    if stopper.received is not None:
+    if stopper.stop_signal is not None:  # every rank takes this branch: the decision was collective
         tensorboard.close()
-        raise TrainingInterrupted(
-            stopper.received,
-            f"Stopped by signal at step {trainer.state.global_step}; a checkpoint was saved in "
-            f"{train_args.output_dir}. Rerun the same command to resume.",
+        step, name = trainer.state.global_step, signal.Signals(stopper.stop_signal).name
+        saved = (
+            f"checkpoint-{step} in {train_args.output_dir} is complete. Rerun the same command to resume."
+            if step
+            else "no step had finished, nothing was saved. Rerun the same command to start again."
         )
+        raise TrainingInterrupted(stopper.stop_signal, f"Stopped by signal at step {step} ({name}); {saved}")
+    if stopper.received is not None:
+        logger.warning("The signal came after the last training step: finishing the run (final outputs).")
     if trainer.nonfinite_batches_skipped:
         logger.warning("Skipped %d batches with a NaN/Inf loss.", trainer.nonfinite_batches_skipped)
     final_metrics: dict[str, float] = {}

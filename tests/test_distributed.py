@@ -1,15 +1,22 @@
-"""Issue 3: every GPU_NODES form, and real DeepSpeed runs with 2 CPU ranks (ZeRO-2 and ZeRO-3)."""
+"""Every GPU_NODES form as DeepSpeed reads it; real DeepSpeed runs with 2 CPU ranks (ZeRO-2, ZeRO-3, signals)."""
 
 import json
 import os
+import re
 import shlex
+import signal
 import socket
 import subprocess
+import sys
+import time
 
 import pytest
 
+from preference_dpo.checkpoints import COMPLETE_MARKER, RUN_CONFIG_NAME, checkpoints
+
 from .conftest import REPO
 from .test_end_to_end import EXPECTED_OUTPUTS, scalars
+from .test_reliability import kill_session
 
 LAUNCHER = REPO / "fast_train.sh"
 
@@ -212,3 +219,102 @@ def test_one_rank_and_two_ranks_give_the_same_losses(runs, name):
     for a, b in zip(single, distributed, strict=True):
         assert b == pytest.approx(a, rel=1e-4, abs=2e-5)
     assert single[-1][1] < single[0][1]  # and training moved: the DPO loss fell
+
+
+# --- stopping on a signal: every rank together --------------------------------------------------------------
+
+AGREE = """
+import json, os, signal, sys
+import torch, torch.distributed as dist
+from transformers import TrainerControl, TrainerState
+from preference_dpo.checkpoints import StopOnSignal
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+stopper = StopOnSignal(signals=(signal.SIGUSR1,), launched=True)
+args = type("Args", (), {"device": torch.device("cpu")})()
+stopper.on_train_begin(args, TrainerState(global_step=1), TrainerControl())  # resumed from checkpoint-1
+state = TrainerState(global_step=3)
+before = stopper.on_substep_end(args, state, TrainerControl())
+if rank == 1:
+    os.kill(os.getpid(), signal.SIGUSR1)
+after = stopper.on_substep_end(args, state, TrainerControl())
+print(json.dumps([before.should_training_stop, after.should_training_stop, after.should_save, stopper.stop_signal]))
+"""
+
+
+def test_ranks_agree_to_stop_when_one_rank_gets_the_signal(tmp_path):
+    """Only rank 1 is signalled; at the next micro-batch both ranks stop, on the same signal, and both save."""
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29566"}
+        procs.append(subprocess.Popen([sys.executable, "-c", AGREE], env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert json.loads(out.splitlines()[-1]) == [False, True, True, signal.SIGUSR1]
+
+
+def newest_log(logs, before):
+    new = [p for p in (logs / "runs").glob("train_*.log") if p not in before]
+    return new[0] if new else None
+
+
+def signal_mid_run(env, logs, sig, to_group, timeout=600):
+    """Start fast_train.sh; once this run has logged a training step, send `sig` to the launcher (or to its whole
+    process group, as Ctrl-C does); return the exit status and this run's log."""
+    before = set((logs / "runs").glob("train_*.log")) if (logs / "runs").is_dir() else set()
+    with open(logs.parent / "stdout.txt", "a") as stdout:
+        proc = subprocess.Popen(["bash", str(LAUNCHER), "--train_sampling_strategy", "sequential"], env=env,
+                                stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while sig is not None:
+            log = newest_log(logs, before)
+            if log is not None and "{'loss'" in log.read_text():
+                os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never logged a step"
+            time.sleep(0.1)
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        kill_session(proc.pid)
+    return code, newest_log(logs, before).read_text()
+
+
+def test_signals_under_deepspeed_save_one_checkpoint_and_resume(tmp_path, tiny_model_dir, small_data):
+    """2 DeepSpeed ranks (gloo), 2 micro-batches per step. SIGTERM to fast_train.sh: one complete checkpoint (both
+    ranks' ZeRO shards), exit 143, both ranks stopped at the same step. The rerun resumes from it; Ctrl-C (SIGINT to
+    the launcher's process group) stops it again the same way, exit 130; the third run resumes and finishes."""
+    train, _ = small_data
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env = {
+        **os.environ, "DEVICE": "cpu", "CPU_RANKS": "2", "POLICY_MODEL_PATH": str(tiny_model_dir),
+        "TRAIN_DATASET_PATH": str(train), "TEST_DATASET_PATH": "", "MAX_STEPS": "10", "PER_DEVICE_BATCH_SIZE": "2",
+        "GRADIENT_ACCUM_STEPS": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000", "OUTPUT_DIR": str(out),
+        "LOG_DIR": str(logs), "LEARNING_RATE": "1e-2",
+    }  # fmt: skip
+    steps_done = 0
+    for port, sig, to_group in ((29567, signal.SIGTERM, False), (29568, signal.SIGINT, True)):
+        code, log = signal_mid_run({**env, "MASTER_PORT": str(port)}, logs, sig, to_group)
+        assert code == 128 + sig, log[-3000:]
+        saved = checkpoints(out)
+        step, folder = saved[-1]
+        assert steps_done < step < 10 and [s for s, _ in saved[:-1]] == ([steps_done] if steps_done else [])
+        assert (folder / COMPLETE_MARKER).exists() and not (out / RUN_CONFIG_NAME).exists()
+        for rank in (0, 1):
+            assert (folder / f"rng_state_{rank}.pth").exists()
+            assert list((folder / f"global_step{step}").glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
+        # Both ranks stopped at that step (each says so), and this run started where the last one stopped.
+        assert re.findall(r"Stopped by signal at step (\d+)", log) == [str(step)] * 2
+        assert log.count("{'loss'") == step - steps_done
+        if steps_done:
+            assert f"Resuming from {out / f'checkpoint-{steps_done}'}" in log
+        steps_done = step
+
+    code, log = signal_mid_run({**env, "MASTER_PORT": "29569"}, logs, None, False)
+    assert code == 0, log[-3000:]
+    assert f"Resuming from {out / f'checkpoint-{steps_done}'}" in log and log.count("{'loss'") == 10 - steps_done
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 10
+    assert (out / RUN_CONFIG_NAME).exists()

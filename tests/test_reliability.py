@@ -243,19 +243,79 @@ def test_nan_batches_can_be_skipped_and_are_counted(common, capsys, monkeypatch,
 
 
 def test_signal_callback_requests_save_and_stop():
-    from transformers import TrainerControl
+    from transformers import TrainerControl, TrainerState
 
     from preference_dpo.checkpoints import StopOnSignal
 
+    args, state = TrainingArgsStub(), TrainerState(global_step=2)
     stopper = StopOnSignal(signals=(signal.SIGUSR1,))
     try:
-        control = stopper.on_step_end(None, None, TrainerControl())
-        assert not control.should_save
+        control = stopper.on_step_end(args, state, TrainerControl())
+        assert not control.should_save and not control.should_training_stop
         os.kill(os.getpid(), signal.SIGUSR1)
-        control = stopper.on_step_end(None, None, TrainerControl())
-        assert control.should_save and control.should_training_stop and stopper.received == signal.SIGUSR1
+        control = stopper.on_step_end(args, state, TrainerControl())
+        assert control.should_save and control.should_training_stop and stopper.stop_signal == signal.SIGUSR1
     finally:
         stopper.restore()
+
+
+class TrainingArgsStub:
+    device = torch.device("cpu")
+
+
+def test_copies_of_a_signal_are_one_request():
+    """A launcher that passes a signal on delivers it again (DeepSpeed's sends SIGTERM to every rank, after the
+    terminal's SIGINT reached them): copies are one request. Only a lone process stops at once, and only on a
+    signal that comes later than `second_signal_after_s`; ranks started by a launcher never do (the launcher
+    kills them: DeepSpeed's after 30 s, fast_train.sh on a second signal)."""
+    from preference_dpo.checkpoints import StopOnSignal
+
+    for launched in (False, True):
+        stopper = StopOnSignal(signals=(signal.SIGUSR1, signal.SIGUSR2), launched=launched, second_signal_after_s=1.0)
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR2)  # a copy, right after
+            assert stopper.received == signal.SIGUSR1
+            time.sleep(1.1)
+            if launched:
+                os.kill(os.getpid(), signal.SIGUSR1)  # still a copy: ignored
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGUSR1)
+        finally:
+            stopper.restore()
+
+
+def test_a_signal_stops_at_the_next_micro_batch(common, capsys, monkeypatch, tmp_path):
+    """GRADIENT_ACCUM_STEPS=4: SIGTERM during micro-batch 2 of step 2 stops after that micro-batch, not after the
+    step's 4th (with the presets' 512 micro-batches a step can outlast DeepSpeed's 30 s grace), and saves the last
+    finished step; the rerun resumes there and finishes."""
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    calls = []
+    original = PreferenceGuidedDPOTrainer.training_step
+
+    def signalled_in_step_2(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", signalled_in_step_2)
+    argv = [*common, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4", "--max_steps", "2",
+            "--save_steps", "1000"]  # fmt: skip
+    code, _, log = run_main(argv, capsys, full_log=True)
+    assert code == 128 + signal.SIGTERM
+    assert calls == [0, 0, 0, 0, 1, 1]  # step 1's four micro-batches, then two of step 2
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
+    assert (out / "checkpoint-1" / COMPLETE_MARKER).exists()
+    assert "interrupted: Stopped by signal at step 1 (SIGTERM)" in log
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", original)
+    code, _, log = run_main(argv, capsys, full_log=True)
+    assert code == 0 and f"Resuming from {out / 'checkpoint-1'}" in log
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def test_data_file_untouched_by_failed_run(common, capsys, tmp_path):
@@ -288,3 +348,135 @@ def test_ctrl_c_on_the_launcher_saves_a_checkpoint_and_keeps_the_log(tiny_model_
     assert len(saved) == 1 and (saved[0] / COMPLETE_MARKER).exists()
     log = next((logs / "runs").iterdir()).read_text()
     assert "interrupted: Stopped by signal at step" in log
+
+
+# --- the launcher passes signals on: a stand-in trainer records what reaches it ---------------------------------
+
+FAKE_TRAINER = """#!/usr/bin/env python3
+import os, signal, sys, time
+record, mode = sys.argv[-2], sys.argv[-1]
+stop_at = None
+def handle(signum, frame):
+    global stop_at
+    with open(record, "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    if mode == "saves" and stop_at is None:
+        print("stand-in trainer: saving", flush=True)
+        stop_at = time.monotonic() + 1.0  # keep listening a while: copies would be recorded too
+signal.signal(signal.SIGTERM, handle)
+signal.signal(signal.SIGINT, handle)
+with open(record, "a") as f:
+    f.write(f"ready {os.getpid()}\\n")
+while stop_at is None or time.monotonic() < stop_at:
+    time.sleep(0.02)
+sys.exit(128 + signal.SIGTERM)
+"""
+
+
+def kill_session(session: int) -> None:
+    """Every process left in the session a test started (a launcher that failed to stop its job leaves some)."""
+    import psutil
+
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session:
+                process.kill()
+        except (psutil.Error, OSError):
+            pass
+
+
+def stand_in(tmp_path, mode):
+    """fast_train.sh's command line and environment with the stand-in as its Python, and the record file."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_TRAINER)
+    fake.chmod(0o755)
+    record = tmp_path / "signals.txt"
+    env = {**os.environ, "PYTHON": str(fake), "DEVICE": "cpu", "POLICY_MODEL_PATH": str(tmp_path),
+           "LOG_DIR": str(tmp_path / "logs"), "OUTPUT_DIR": str(tmp_path / "out")}  # fmt: skip
+    return ["bash", str(REPO / "fast_train.sh"), str(record), mode], env, record
+
+
+def wait_until_ready(record, alive):
+    deadline = time.monotonic() + 30
+    while not (record.exists() and record.read_text().startswith("ready")):
+        assert alive() and time.monotonic() < deadline, "the stand-in trainer never started"
+        time.sleep(0.02)
+
+
+def launch_stand_in(tmp_path, mode):
+    """fast_train.sh with the stand-in as its Python: (launcher process, record file, log folder)."""
+    argv, env, record = stand_in(tmp_path, mode)
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until_ready(record, lambda: proc.poll() is None)
+    return proc, record, tmp_path / "logs"
+
+
+@pytest.mark.parametrize(("to_group", "sig"), [(False, signal.SIGTERM), (True, signal.SIGINT)])
+def test_launcher_passes_a_signal_on_once(tmp_path, to_group, sig):
+    """SIGTERM to fast_train.sh, or SIGINT to its whole process group (Ctrl-C): the trainer gets exactly one
+    SIGTERM, the launcher waits for it to finish saving and exits with 128 + the signal the launcher got."""
+    proc, record, logs = launch_stand_in(tmp_path, "saves")
+    try:
+        os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 128 + sig
+        assert record.read_text().splitlines()[1:] == ["SIGTERM"]
+        log = next((logs / "runs").glob("train_*.log")).read_text()
+        assert "stand-in trainer: saving" in log and f"fast_train.sh: {signal.Signals(sig).name}:" in log
+    finally:
+        kill_session(proc.pid)
+
+
+def test_second_signal_to_the_launcher_kills_the_trainer(tmp_path):
+    """A trainer still busy (saving) when a second signal reaches the launcher is killed at once."""
+    import psutil
+
+    proc, record, _ = launch_stand_in(tmp_path, "ignores")
+    try:
+        trainer = int(record.read_text().split()[1])
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert psutil.pid_exists(trainer)  # the first signal leaves the trainer its time
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert record.read_text().splitlines()[1:] == ["SIGTERM"]
+        assert not psutil.pid_exists(trainer) or psutil.Process(trainer).status() == psutil.STATUS_ZOMBIE
+    finally:
+        kill_session(proc.pid)
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_trainer_once(tmp_path):
+    """fast_train.sh in a terminal (a pseudo-terminal here) and Ctrl-C typed into it: one SIGTERM, exit 130."""
+    import pty
+    import select
+
+    argv, env, record = stand_in(tmp_path, "saves")
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session of its own, the terminal as its controlling terminal
+        os.execve("/bin/bash", argv, env)
+    output = b""
+
+    def read_terminal():  # keep the terminal drained, or the launcher blocks on writing to it
+        nonlocal output
+        while select.select([terminal], [], [], 0.02)[0]:
+            try:
+                output += os.read(terminal, 4096)
+            except OSError:  # the launcher has exited and closed it
+                return False
+        return True
+
+    status = None
+    try:
+        wait_until_ready(record, read_terminal)
+        os.write(terminal, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground process group
+        deadline = time.monotonic() + 30
+        while status is None:
+            assert time.monotonic() < deadline, output.decode(errors="replace")
+            read_terminal()
+            done, wait_status = os.waitpid(pid, os.WNOHANG)
+            status = os.waitstatus_to_exitcode(wait_status) if done else None
+    finally:
+        kill_session(pid)
+        os.close(terminal)
+    assert status == 128 + signal.SIGINT, output.decode(errors="replace")
+    assert record.read_text().splitlines()[1:] == ["SIGTERM"]
+    assert b"fast_train.sh: SIGINT:" in output
