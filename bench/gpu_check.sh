@@ -6,7 +6,8 @@
 #    the shared-prompt guided view against the full one in bf16, resume after SIGTERM;
 # 2. bench/step_time.py --config qwen1.5b: Qwen2.5-1.5B's shape with random weights in bf16, TRL's DPO
 #    against ours (median step time, peak max_memory_allocated, tokens/s, MFU). KINDS picks the
-#    configurations; all five hold a model each at once: about 40 GB of GPU memory (on 24 GB: KINDS=ABC).
+#    configurations; each holds its own copy of the model, so the default five need about 30 GB of GPU
+#    memory (on a 24 GB GPU: KINDS=AB, then KINDS=AC, ...).
 # Prints one summary and writes gpu_check.json (with the step-time JSON, the test report and the log) to
 # $OUT if set, else bench/results/. Exit status 0 only if every check passed; the speed and memory
 # targets are reported, not enforced. Without a usable CUDA device it stops at once with status 1.
@@ -137,9 +138,10 @@ if [[ -n "$missing" ]]; then
   [[ "$INSTALL" == auto ]] || fail "packages differ from requirements*.txt: $missing (INSTALL=$INSTALL)"
   say "installing the pinned packages (differing: $missing)"
   # On Linux, PyPI's torch 2.13.0 wheel is a CUDA build; a CPU-only build already installed satisfies the
-  # pin and stays, and the CUDA check below says so.
-  "$PYTHON" -m pip install -r requirements.txt -r requirements-dev.txt 2>&1 | tee -a "$LOG" ||
-    fail "pip install -r requirements.txt -r requirements-dev.txt failed (see $LOG)"
+  # pin and stays, and the CUDA check below says so. torch goes first: DeepSpeed's setup reads it.
+  torch_pin="$(grep -E '^torch==' requirements.txt)"
+  { "$PYTHON" -m pip install "$torch_pin" && "$PYTHON" -m pip install -r requirements.txt -r requirements-dev.txt; } \
+    2>&1 | tee -a "$LOG" || fail "pip install -r requirements.txt -r requirements-dev.txt failed (see $LOG)"
   missing="$(pins_missing)"
   [[ -z "$missing" ]] || fail "packages still differ from requirements*.txt after installing: $missing"
 fi
