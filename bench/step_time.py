@@ -12,10 +12,14 @@ model, batches and settings, in one process:
   D  ours, ALPHA=0                          (plain DPO through our trainer)
   E, F  B and C with the naive guided forward (`--guided_forward full`: prompt and response twice)
   G  B with ALIGN_LOSS=distill (token-level KL at response positions, instead of the hinge)
+  H  B with ALIGN_LOSS=ref_distill, exact (the reference's guided forward in every step)
+  I  B with ALIGN_LOSS=ref_distill --distill_top_k K (`--top_k`, default 64; the teacher precomputed)
 Steps run round-robin (A B C D A B C D ...) so machine drift hits all alike. Per configuration: median
 optimizer-step time after warm-up, peak memory of a step (GPU: torch.cuda.max_memory_allocated; CPU: RSS
 sampled every 2 ms, above the level before the step), tokens/s (base-view tokens), model FLOPs
-utilisation on GPU; and the ratios to A. The table is printed last; the figures are also written as JSON.
+utilisation on GPU; and the ratios to A. Also the one-time setup of each configuration (building the
+trainer: TRL's reference precompute for all, the top-K teacher's for I). The table is printed last; the
+figures are also written as JSON.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -122,8 +128,8 @@ class RssPeak:
         return self.peak - self.base
 
 
-def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding):
-    """A plain TRL DPOTrainer (kind A) or ours (B, C, D), on pre-tokenized pairs."""
+def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding, top_k: int):
+    """A plain TRL DPOTrainer (kind A) or ours (B to I), on pre-tokenized pairs."""
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -149,9 +155,10 @@ def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding):
         alpha = 0.0 if kind == "D" else 0.1
         guided_forward = "full" if kind in "EF" else "shared_prompt"
         embedding = kind in "CF"
-        align_loss = "distill" if kind == "G" else "hinge"
+        align_loss = {"G": "distill", "H": "ref_distill", "I": "ref_distill"}.get(kind, "hinge")
         args = PreferenceDPOConfig(max_length=max_length, aligned_loss_weight=alpha, guided_forward=guided_forward,
-                                   align_loss=align_loss, **args_kwargs)  # fmt: skip
+                                   align_loss=align_loss, distill_top_k=top_k if kind == "I" else None,
+                                   **args_kwargs)  # fmt: skip
         k = soft_embedding.shape[0] if embedding else 0
         collator = PreferenceViewsCollator(pad_token_id=pad, max_length=max_length, num_soft_tokens=k,
                                            guided_forward=guided_forward)  # fmt: skip
@@ -180,7 +187,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=4, help="pairs per step")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFG")
+    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFGHI")
+    parser.add_argument("--top_k", type=int, default=64, help="K of configuration I")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench/results/<config>.json)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="GPU bf16 peak for MFU (default: by name)")
     args = parser.parse_args(argv)
@@ -202,8 +210,9 @@ def main(argv=None) -> None:
     hidden = CONFIGS[args.config][0]
     torch.manual_seed(1)
     soft = torch.randn(shape.instruction, hidden) * 0.02
+    output_dir = tempfile.mkdtemp(prefix="bench_step_time_")  # fresh: the top-K teacher is computed, not reused
     common = dict(
-        output_dir="/tmp/bench_step_time", per_device_train_batch_size=shape.pairs, max_steps=total,
+        output_dir=output_dir, per_device_train_batch_size=shape.pairs, max_steps=total,
         learning_rate=1e-4, report_to="none", precompute_ref_log_probs=True, bf16=cuda, use_cpu=not cuda,
         gradient_checkpointing=False, save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
         disable_dropout=True, max_length=shape.prompt + shape.instruction + shape.completion,
@@ -213,12 +222,15 @@ def main(argv=None) -> None:
     for kind in args.kinds:
         dataset = synthetic_pairs(shape.pairs * total, shape, vocab, soft=kind in "CF")
         model = build_model(args.config, device, dtype)
-        trainer = make_trainer(kind, model, dataset, dict(common), soft)
+        started = time.perf_counter()
+        trainer = make_trainer(kind, model, dataset, dict(common), soft, args.top_k)
+        setup_s = time.perf_counter() - started
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which this loop replaces
         optimizer = trainer.create_optimizer()
         batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()][:total]
-        runs[kind] = {"trainer": trainer, "optimizer": optimizer, "batches": batches, "times": [], "memory": []}
+        runs[kind] = {"trainer": trainer, "optimizer": optimizer, "batches": batches, "times": [], "memory": [],
+                      "setup_s": setup_s}  # fmt: skip
     tokens = int(runs[args.kinds[0]]["batches"][0]["attention_mask"].sum())
 
     def step(run, i):
@@ -266,6 +278,7 @@ def main(argv=None) -> None:
             "step_s_quartiles": statistics.quantiles(run["times"], n=4),
             "peak_step_memory_bytes": max(run["memory"]),
             "tokens_per_s": tokens / median,
+            "setup_s": run["setup_s"],
         }
         if flops_per_step and peak_tflops:
             results[kind]["mfu"] = flops_per_step / median / (peak_tflops * 1e12)
@@ -298,12 +311,14 @@ def main(argv=None) -> None:
         "E": "text, full",
         "F": "embed, full",
         "G": "text, distill",
+        "H": "ref_distill",
+        "I": f"ref_dist K{args.top_k}",
     }
     lines = [
         f"config {args.config} {meta['model_shape']}, {shape.pairs} pairs x ({shape.prompt}+{shape.completion}) "
         f"tokens, {shape.instruction} instruction tokens, {meta['device']}, "
         f"{meta['threads']} threads",
-        f"{'':14}{'step (s)':>10}{'IQR (s)':>16}{'mem (MiB)':>11}{'tok/s':>9}{'time/A':>8}{'mem/A':>7}",
+        f"{'':14}{'step (s)':>10}{'IQR (s)':>16}{'mem (MiB)':>11}{'tok/s':>9}{'time/A':>8}{'mem/A':>7}{'setup (s)':>10}",
     ]
     for kind, r in results.items():
         q = r["step_s_quartiles"]
@@ -311,8 +326,10 @@ def main(argv=None) -> None:
             f"{kind} {names[kind]:<11}{r['median_step_s']:>10.3f}{f'{q[0]:.3f}-{q[2]:.3f}':>16}"
             f"{r['peak_step_memory_bytes'] / 2**20:>11.1f}{r['tokens_per_s']:>9.0f}"
             f"{r.get('time_ratio_to_A', float('nan')):>8.2f}{r.get('memory_ratio_to_A', float('nan')):>7.2f}"
+            f"{r['setup_s']:>10.1f}"
         )
     print("\n".join(lines))  # noqa: T201 - the benchmark's report
+    shutil.rmtree(output_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

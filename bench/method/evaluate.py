@@ -2,7 +2,8 @@
 
 - trait one: pair accuracy (`logp(concise) > logp(verbose)`) and mean margin `h_base` on held-out pairs;
 - trait two: the probability the model gives the polite ending after a concise answer,
-  `sigmoid(logp(core + polite) - logp(core))` (both ending with EOS), and the rate of polite greedy
+  `sigmoid(logp(core + polite) - logp(core))` (both ending with EOS), over all held-out questions and over
+  the held-out topics alone (`_heldout_topics`, the transfer ratio's basis), and the rate of polite greedy
   generations; greedy generations are also checked for concision and for a correct core sentence;
 - `logp(chosen)` on held-out pairs (its change from the base model shows over-optimisation);
 - `pref_advantage_ratio` = `exp(mean(h_pref - h_base))` on held-out pairs (METHOD.md);
@@ -103,6 +104,10 @@ def measure(model, tokenizer, pairs: list[dict], questions: list[world.Question]
         "log_pref_advantage": (h_pref - h_base).mean().item(),
         "guided_pair_accuracy": (h_pref > 0).float().mean().item(),
         **polite_probability(model, tokenizer, questions),
+        **{
+            f"{key}_heldout_topics": value
+            for key, value in polite_probability(model, tokenizer, [q for q in questions if q.held_out_topic]).items()
+        },
         **generation_rates(texts, questions),
         "param_change": 0.0 if base_state is None else parameter_change(model, base_state),
         "sample_generation": texts[0],

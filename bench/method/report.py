@@ -24,6 +24,7 @@ COLUMNS = (
     ("margin", "margin (nats)", "{:.1f}"),
     ("greedy_concise", "greedy concise", "{:.2f}"),
     ("polite_prob", "P(polite)", "{:.3f}"),
+    ("transfer_ratio", "transfer ratio", "{:.2f}"),
     ("greedy_polite", "greedy polite", "{:.2f}"),
     ("dlogp_chosen", "Δ logp(chosen)", "{:+.2f}"),
     ("log_pref_advantage", "log pref_adv_ratio", "{:.2f}"),
@@ -32,6 +33,7 @@ COLUMNS = (
 # measures compared at matched step size: (key, name, higher is better; None: neither, say higher/lower)
 COMPARED = (
     ("polite_prob", "trait two, P(polite)", True),
+    ("transfer_ratio", "trait two, transfer ratio (held-out topics)", True),
     ("greedy_polite", "trait two, greedy polite rate", True),
     ("margin", "trait one, margin", True),
     ("greedy_concise", "trait one, greedy concise rate", True),
@@ -44,9 +46,17 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def _value(run: dict, key: str, baselines: dict[int, dict]) -> float:
-    """A run's measure; `dlogp_chosen` is relative to the run's own base model."""
+    """A run's measure; `dlogp_chosen` and `transfer_ratio` are relative to the run's own base model.
+
+    transfer ratio = (P - P_base) / (P_base_instructed - P_base), P = P(polite) without the instruction on the
+    held-out topics: 0 = nothing carried over, 1 = the un-instructed model does what the instructed base did.
+    """
     if key == "dlogp_chosen":
         return run["logp_chosen"] - baselines[run["seed"]]["logp_chosen"]
+    if key == "transfer_ratio":
+        base = baselines[run["seed"]]
+        p_base, p_instructed = base["polite_prob_heldout_topics"], base["polite_prob_guided_heldout_topics"]
+        return (run["polite_prob_heldout_topics"] - p_base) / (p_instructed - p_base)
     return run[key]
 
 
@@ -116,6 +126,37 @@ def matched_comparison(runs: list[dict], arms, baselines: dict[int, dict]) -> li
     return rows
 
 
+TRANSFER_TARGET, FACTS_TOLERANCE = 0.8, 0.02
+
+
+def target_counts(runs: list[dict], arms, baselines: dict[int, dict]) -> list[dict]:
+    """Per non-DPO arm, the replicates that meet issue 12's target at once: transfer ratio >= 0.8, trait one
+    (greedy concise rate) no worse than the same seed's DPO at the same parameter change, and correct facts
+    within 0.02 of it. Replicates outside that seed's DPO sweep count as misses."""
+    curves: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
+    dpo = {a.name for a in arms if a.is_dpo}
+    for r in runs:
+        if r["arm"] in dpo:
+            for key in ("greedy_concise", "greedy_correct_core"):
+                curves[(r["seed"], key)].append((r["param_change"], r[key]))
+    rows = []
+    for arm in arms:
+        arm_runs = [r for r in runs if r["arm"] == arm.name]
+        if arm.is_dpo or not arm_runs:
+            continue
+        met = 0
+        for r in arm_runs:
+            concise = interpolate(curves[(r["seed"], "greedy_concise")], r["param_change"])
+            facts = interpolate(curves[(r["seed"], "greedy_correct_core")], r["param_change"])
+            met += (
+                concise is not None and facts is not None
+                and _value(r, "transfer_ratio", baselines) >= TRANSFER_TARGET
+                and r["greedy_concise"] >= concise and abs(r["greedy_correct_core"] - facts) <= FACTS_TOLERANCE
+            )  # fmt: skip
+        rows.append({"arm": arm.name, "met": met, "of": len(arm_runs)})
+    return rows
+
+
 def plot(path: Path, runs: list[dict], arms, summary, base_summary, comparison: list[dict]) -> None:
     import matplotlib
 
@@ -123,8 +164,8 @@ def plot(path: Path, runs: list[dict], arms, summary, base_summary, comparison: 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 1, 0.8]})
-    markers = {"hinge": "o", "ref_hinge": "s", "distill": "^"}
-    colours = {0.1: "tab:blue", 1.0: "tab:red"}
+    markers = {"hinge": "o", "ref_hinge": "s", "distill": "^", "ref_distill": "v"}
+    colours = {0.1: "tab:blue", 1.0: "tab:red", 3.0: "tab:purple", 10.0: "tab:brown"}
     dpo = sorted((summary[a.name]["param_change"][0], a.name) for a in arms if a.is_dpo and a.name in summary)
     for ax, key, title in (
         (axes[0], "polite_prob", "P(polite ending | concise answer), no instruction"),
@@ -206,7 +247,7 @@ def _ref_target_table(baselines: dict[int, dict]) -> list[str]:
 
 def write(report: Path, plot_path: Path, baselines: dict[int, dict], runs, arms, command, seconds, settings) -> None:
     summary = summarise(runs, arms, baselines)
-    base_rows = [{**b, "dlogp_chosen": 0.0} for b in baselines.values()]
+    base_rows = [{**b, "dlogp_chosen": 0.0, "transfer_ratio": 0.0} for b in baselines.values()]
     base_summary = {
         key: _mean_sd([b[key] for b in base_rows])
         for key in [k for k, _, _ in COLUMNS] + ["polite_prob_guided", "guided_pair_accuracy"]
@@ -266,6 +307,12 @@ def write(report: Path, plot_path: Path, baselines: dict[int, dict], runs, arms,
             f"{head} {row['arm_mean']:.3f} | {row['dpo_mean']:.3f} | {row['diff']:+.3f} ± {row['half_width']:.3f} | "
             f"{row['verdict']} |"
         )
+    lines += [
+        "",
+        f"Replicates meeting the target at once (transfer ratio >= {TRANSFER_TARGET}, greedy concise rate no worse "
+        f"than DPO at the same step, correct facts within {FACTS_TOLERANCE} of it): "
+        + "; ".join(f"{r['arm']} {r['met']} of {r['of']}" for r in target_counts(runs, arms, baselines)),
+    ]
     lines += ["", "Summary (generated from the table above):", ""]
     for _, label, _ in COMPARED:
         verdicts = {v: [r["arm"] for r in comparison if r["measure"] == label and r["verdict"] == v]
