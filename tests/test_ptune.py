@@ -348,6 +348,7 @@ def test_stage_all_end_to_end(tmp_path, tiny_model_dir, small_data):
                 "learned soft prompt (16 tokens)"):  # fmt: skip
         assert row in log
     assert "Learned a 16-token soft prompt in 3 steps" in log and "Finished 2 steps" in log
+    assert "(init text, encoder none, 1024 trainable parameters)" in log  # 16 x 64: the model is frozen
 
     # the same command again: the prompt is kept and reused, and the finished DPO run is not clobbered
     before = (prompt_dir / EMBEDDING_FILE).read_bytes()
