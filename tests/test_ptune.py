@@ -204,6 +204,23 @@ def test_the_ptune_stage_ignores_the_dpo_stage_embedding_file_and_output(common,
     ]
 
 
+def test_overwrite_clears_the_old_prompt_marker_first(tmp_path):
+    from preference_dpo.checkpoints import COMPLETE_MARKER
+    from preference_dpo.errors import UserInputError
+    from preference_dpo.ptune import check_prompt_output_dir, clear_previous_prompt
+
+    for name in (SUMMARY_FILE, EMBEDDING_FILE, SAFETENSORS_FILE, "notes.txt"):
+        (tmp_path / name).write_text("old")
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("ok")
+    with pytest.raises(UserInputError, match="already holds a learned prompt"):
+        check_prompt_output_dir(str(tmp_path), overwrite=False)
+    check_prompt_output_dir(str(tmp_path), overwrite=True)
+    clear_previous_prompt(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # the stage's own files only
+    check_prompt_output_dir(str(tmp_path), overwrite=False)  # nothing left to protect
+
+
 # --- resume after a kill ------------------------------------------------------------------------------------------
 
 
