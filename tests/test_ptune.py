@@ -61,6 +61,33 @@ def test_prompt_objectives_hand_computed():
     assert (accuracy.item(), margin.item()) == (0.5, 0.5)
 
 
+def test_the_trainer_and_deepspeed_internals_the_stage_relies_on():
+    """`SoftPromptTrainer` overrides these transformers 5.22 `Trainer` methods and calls DeepSpeed's savers with
+    `exclude_frozen_parameters`; a version that changes them fails here first (both are pinned)."""
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from transformers import Trainer
+
+    expected = {
+        "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+        "prediction_step": ["self", "model", "inputs", "prediction_loss_only", "ignore_keys"],
+        "log": ["self", "logs", "start_time"],
+        "save_model": ["self", "output_dir", "_internal_call"],
+        "_save": ["self", "output_dir", "state_dict"],
+        "_save_checkpoint": ["self", "model", "trial"],
+        "_save_optimizer_and_scheduler": ["self", "output_dir"],
+        "_set_signature_columns_if_needed": ["self"],
+    }
+    for name, parameters in expected.items():
+        assert list(inspect.signature(getattr(Trainer, name)).parameters) == parameters, name
+    assert "exclude_frozen_parameters" in inspect.signature(DeepSpeedEngine.save_checkpoint).parameters
+    assert (
+        "exclude_frozen_parameters"
+        in inspect.signature(DeepSpeedEngine._zero3_consolidated_16bit_state_dict).parameters
+    )
+
+
 # --- the soft prompt: where it goes, what trains, how it starts --------------------------------------------------
 
 
