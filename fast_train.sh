@@ -142,7 +142,7 @@ case "$STAGE" in
     TRAINING_MODE=embedding
     PROMPT_EMBEDDING_PATH="$PTUNE_OUTPUT_DIR/prompt_embeddings.pt"
     stages=(ptune dpo)
-    if [[ -f "$PTUNE_OUTPUT_DIR/prompt_embeddings.json" && ! "${OVERWRITE,,}" =~ ^(true|yes|1)$ ]]; then
+    if [[ -f "$PTUNE_OUTPUT_DIR/prompt_embeddings.json" && ! "${OVERWRITE,,}" =~ ^(true|yes|t|y|1)$ ]]; then
       echo "fast_train.sh: STAGE=all: $PTUNE_OUTPUT_DIR already holds a learned prompt; using it" \
         "(OVERWRITE=true learns it again)." >&2
       stages=(dpo)

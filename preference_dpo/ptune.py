@@ -14,7 +14,7 @@ written last: without it the stage is unfinished and a rerun resumes from its la
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
 import os
@@ -63,6 +63,11 @@ class SoftPromptModel(torch.nn.Module):
         self.model = model
         self.prompt_encoder = prompt_encoder
         self.register_buffer("token_indices", torch.arange(num_virtual_tokens), persistent=False)
+
+    @property
+    def config(self):
+        """The frozen model's config (DeepSpeed's `auto` bucket sizes are read from its hidden size)."""
+        return self.model.config
 
     def prompt(self) -> torch.Tensor:
         """The soft prompt `E` [k, hidden] (the MLP's output with PTUNE_ENCODER=mlp)."""
@@ -206,6 +211,18 @@ class SoftPromptTrainer(Trainer):
             state_dict = {key: value for key, value in state_dict.items() if key.startswith(PROMPT_PREFIX)}
         super()._save(output_dir, state_dict)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # DeepSpeed would store the frozen model in every checkpoint (transformers leaves it out for PEFT
+        # models only); it is reloaded from its own path on resume, so only the prompt's state is kept.
+        engine = self.model_wrapped
+        engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine, exclude_frozen_parameters=True)
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del engine.save_checkpoint  # back to the class's method
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         # Written after every other file of the checkpoint: without it, resume ignores the folder.
@@ -339,17 +356,20 @@ def log_comparison(comparison: dict, num_virtual_tokens: int, init: str) -> None
 # --- the stage ---------------------------------------------------------------------------------------------------
 
 
-def stage_arguments(train_args: PreferenceDPOConfig, has_test_set: bool) -> PreferenceDPOConfig:
-    """The run's settings with this stage's own learning rate, length and output folder."""
-    changes = {
-        "learning_rate": train_args.ptune_learning_rate,
-        "num_train_epochs": train_args.ptune_epochs,
-        "max_steps": train_args.ptune_max_steps,
-        "output_dir": train_args.ptune_output_dir,
-    }
+def use_stage_settings(train_args: PreferenceDPOConfig, has_test_set: bool) -> PreferenceDPOConfig:
+    """The run's settings with this stage's own learning rate, length and output folder.
+
+    Set on the parsed object, which this process uses for this stage alone: a second `TrainingArguments`
+    would set up accelerate's state again, and on CPU ranks lose the gloo state the entry point configured
+    (DeepSpeed's batch size would then count one rank).
+    """
+    train_args.learning_rate = train_args.ptune_learning_rate
+    train_args.num_train_epochs = train_args.ptune_epochs
+    train_args.max_steps = train_args.ptune_max_steps
+    train_args.output_dir = train_args.ptune_output_dir
     if not has_test_set:
-        changes["eval_strategy"] = "no"
-    return dataclasses.replace(train_args, **changes)
+        train_args.eval_strategy = "no"
+    return train_args
 
 
 def run(data_args: DataArguments, model_args: ModelArguments, train_args: PreferenceDPOConfig) -> dict:
@@ -399,7 +419,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
                 )
             except UserInputError as e:  # only the comparison row needs it
                 logger.warning("No PREFERENCE_TEXT row in the comparison: %s", e)
-    args = stage_arguments(train_args, has_test_set=eval_dataset is not None)
+    args = use_stage_settings(train_args, has_test_set=eval_dataset is not None)
     output_dir = Path(args.output_dir)
     tokenized = output_dir / TOKENIZED_DIR
     train_dataset = file_backed(train_dataset, tokenized / "train", args)

@@ -61,6 +61,33 @@ def test_prompt_objectives_hand_computed():
     assert (accuracy.item(), margin.item()) == (0.5, 0.5)
 
 
+def test_the_trainer_and_deepspeed_internals_the_stage_relies_on():
+    """`SoftPromptTrainer` overrides these transformers 5.22 `Trainer` methods and calls DeepSpeed's savers with
+    `exclude_frozen_parameters`; a version that changes them fails here first (both are pinned)."""
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from transformers import Trainer
+
+    expected = {
+        "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+        "prediction_step": ["self", "model", "inputs", "prediction_loss_only", "ignore_keys"],
+        "log": ["self", "logs", "start_time"],
+        "save_model": ["self", "output_dir", "_internal_call"],
+        "_save": ["self", "output_dir", "state_dict"],
+        "_save_checkpoint": ["self", "model", "trial"],
+        "_save_optimizer_and_scheduler": ["self", "output_dir"],
+        "_set_signature_columns_if_needed": ["self"],
+    }
+    for name, parameters in expected.items():
+        assert list(inspect.signature(getattr(Trainer, name)).parameters) == parameters, name
+    assert "exclude_frozen_parameters" in inspect.signature(DeepSpeedEngine.save_checkpoint).parameters
+    assert (
+        "exclude_frozen_parameters"
+        in inspect.signature(DeepSpeedEngine._zero3_consolidated_16bit_state_dict).parameters
+    )
+
+
 # --- the soft prompt: where it goes, what trains, how it starts --------------------------------------------------
 
 
@@ -202,6 +229,23 @@ def test_the_ptune_stage_ignores_the_dpo_stage_embedding_file_and_output(common,
         f"error: PTUNE_OUTPUT_DIR (--ptune_output_dir) '{ptune_dir}' already holds a learned prompt ({SUMMARY_FILE}); "
         "set OVERWRITE (--overwrite) to replace it, or choose another PTUNE_OUTPUT_DIR."
     ]
+
+
+def test_overwrite_clears_the_old_prompt_marker_first(tmp_path):
+    from preference_dpo.checkpoints import COMPLETE_MARKER
+    from preference_dpo.errors import UserInputError
+    from preference_dpo.ptune import check_prompt_output_dir, clear_previous_prompt
+
+    for name in (SUMMARY_FILE, EMBEDDING_FILE, SAFETENSORS_FILE, "notes.txt"):
+        (tmp_path / name).write_text("old")
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("ok")
+    with pytest.raises(UserInputError, match="already holds a learned prompt"):
+        check_prompt_output_dir(str(tmp_path), overwrite=False)
+    check_prompt_output_dir(str(tmp_path), overwrite=True)
+    clear_previous_prompt(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # the stage's own files only
+    check_prompt_output_dir(str(tmp_path), overwrite=False)  # nothing left to protect
 
 
 # --- resume after a kill ------------------------------------------------------------------------------------------
@@ -348,6 +392,7 @@ def test_stage_all_end_to_end(tmp_path, tiny_model_dir, small_data):
                 "learned soft prompt (16 tokens)"):  # fmt: skip
         assert row in log
     assert "Learned a 16-token soft prompt in 3 steps" in log and "Finished 2 steps" in log
+    assert "(init text, encoder none, 1024 trainable parameters)" in log  # 16 x 64: the model is frozen
 
     # the same command again: the prompt is kept and reused, and the finished DPO run is not clobbered
     before = (prompt_dir / EMBEDDING_FILE).read_bytes()
@@ -355,3 +400,31 @@ def test_stage_all_end_to_end(tmp_path, tiny_model_dir, small_data):
     assert "already holds a learned prompt; using it" in again.stderr
     assert "already holds a finished run" in again.stdout
     assert (prompt_dir / EMBEDDING_FILE).read_bytes() == before
+
+
+def test_two_deepspeed_ranks_with_zero3_learn_the_same_prompt_as_one_process(tmp_path, tiny_model_dir, small_data):
+    """1 process x 8 pairs vs 2 DeepSpeed CPU ranks x 4 pairs (ZeRO-3: the prompt is sharded and gathered to be
+    saved), sequential order, 3 steps: the same prompt up to float rounding, one set of outputs, checkpoints
+    without the frozen model. (Measured here: identical losses step by step; ZeRO-2 as well, and a SIGKILL after
+    the step-2 checkpoint resumed to the same prompt under both stages.)"""
+    train, _ = small_data
+    env = {"STAGE": "ptune", "TEST_DATASET_PATH": "", "PTUNE_MAX_STEPS": "3", "SAVE_STEPS": "2", "LOGGING_STEPS": "1"}
+    prompts = {}
+    for name, extra in (
+        ("single", {"PER_DEVICE_BATCH_SIZE": "8"}),
+        ("zero3", {"PER_DEVICE_BATCH_SIZE": "4", "CPU_RANKS": "2", "ZERO_STAGE": "3", "MASTER_PORT": "29581"}),
+    ):
+        out = tmp_path / name
+        variables = {"DEVICE": "cpu", "POLICY_MODEL_PATH": str(tiny_model_dir), "TRAIN_DATASET_PATH": str(train),
+                     "OUTPUT_DIR": str(out), "LOG_DIR": str(tmp_path / f"{name}_logs"), **env, **extra}  # fmt: skip
+        result = subprocess.run(
+            ["bash", str(REPO / "fast_train.sh"), "--train_sampling_strategy", "sequential"],
+            env={**os.environ, **variables}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        prompts[name] = load_prompt(out / "ptune")
+        assert {p.name for p in (out / "ptune").iterdir()} == {
+            "checkpoint-2", "checkpoint-3", EMBEDDING_FILE, SAFETENSORS_FILE, SUMMARY_FILE}  # fmt: skip
+    torch.testing.assert_close(prompts["zero3"], prompts["single"], rtol=1e-5, atol=1e-5)
+    checkpoint = tmp_path / "zero3" / "ptune" / "checkpoint-2"
+    assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < 200_000  # model: ~0.9 MB fp32
