@@ -1,7 +1,7 @@
 """Preference-pair files -> a `datasets.Dataset` with TRL's `prompt`, `chosen`, `rejected` columns.
 
 Accepted files: `.jsonl`, `.json` (an array of objects, or JSON Lines), `.parquet`, and folders written
-by `datasets.save_to_disk` (or holding such files). Accepted row shapes (METHOD.md, "Data"):
+by `datasets.save_to_disk` (or holding such files). Accepted row shapes (docs/method.md, "Data"):
 
 - standard: `prompt`, `chosen`, `rejected` strings;
 - conversational: `prompt` a list of `{role, content}` messages, `chosen`/`rejected` the assistant turn(s);

@@ -1,4 +1,4 @@
-"""The two views of every pair (METHOD.md): base `x, y` and guided `x with p, y`.
+"""The two views of every pair (docs/method.md): base `x, y` and guided `x with p, y`.
 
 Both views share the exact completion token ids: the completion is tokenized once, with the base
 prompt as TRL does, and appended to both prompts. Completions are cut so that the *guided* sequence fits
