@@ -127,7 +127,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     elif train_args.eval_strategy != "no":
         logger.info("No test set: evaluation is off.")
         train_args.eval_strategy = "no"
-    if eval_dataset is None:
+    if eval_dataset is None or train_args.eval_strategy == "no":  # no evaluation during training: none before it
         train_args.eval_on_start = False
     if train_args.process_index == 0:
         logger.info(

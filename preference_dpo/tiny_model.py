@@ -107,12 +107,14 @@ EXTRA_CORPUS = (
     DEFAULT_SYSTEM_PROMPT,
 )
 
-# The embedded model's world. Without the instruction it answers with these shares (a flawed answer 80% of
-# the time, so that the instruction's effect is large and visible in greedy generations: the most likely
-# answer is the verbose one); with it, always the good one. The kinds are the data set's `flaw` values.
-UNINSTRUCTED_ANSWERS = {"good": 0.2, "verbose": 0.3, "unhelpful": 0.2, "dishonest": 0.15, "harmful": 0.15}
-EMBEDDED_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-PRETRAINING = {"steps": 600, "batch_size": 32, "learning_rate": 3e-3, "seed": 0}
+# The embedded model's world. Without the instruction it answers with these shares (a flawed answer 90% of
+# the time, so that the instruction's effect is large and visible in greedy generations); with it, always
+# the good one. The kinds are the data set's `flaw` values. Steps and learning rate: the cheapest of the
+# settings tried that gets the facts right (instructed greedy answers to 40 held-out questions that were
+# exactly the good answer: 600 steps at 3e-3, 28%; 800 at 5e-3, 95%; 1000 at 3e-3, 98%).
+UNINSTRUCTED_ANSWERS = {"good": 0.1, "verbose": 0.3, "unhelpful": 0.2, "dishonest": 0.2, "harmful": 0.2}
+EMBEDDED_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2}
+PRETRAINING = {"steps": 800, "batch_size": 32, "learning_rate": 5e-3, "seed": 0}
 BUILD_INFO = "embedded_model.json"  # written last: the build's recipe, its cost and the instruction's effect
 
 
@@ -355,34 +357,11 @@ def is_current(output_dir: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR) 
         return False
 
 
-def build_embedded_model(
-    output_dir: str | Path,
-    data_dir: str | Path = DEFAULT_DATA_DIR,
-    steps: int = PRETRAINING["steps"],
-    seed: int = PRETRAINING["seed"],
-) -> Path:
-    """Build the tokenizer, pretrain the tiny model on the embedded data's world, write both to `output_dir`.
-
-    Deterministic on one machine (fixed seeds, fixed order). Written to a sibling folder first and moved
-    into place, with `BUILD_INFO` last: a build killed half-way leaves no model that looks finished.
-    """
+def _pretrain(model, tokenizer, examples: list[tuple[list[int], list[int]]], steps: int, seed: int) -> None:
+    """Next-token loss on the responses, batches of similar length, AdamW with a one-cycle schedule."""
     import torch
 
-    from .config import DEFAULT_PREFERENCE_TEXT
-
-    started = time.monotonic()
-    output_dir, data_dir = Path(output_dir), Path(data_dir)
-    torch.manual_seed(seed)
-    tokenizer = train_tokenizer(_corpus(data_dir), 2048)
-    model = _random_model(tokenizer, EMBEDDED_SHAPE["hidden_size"], EMBEDDED_SHAPE["num_hidden_layers"], seed)
-    model.generation_config.do_sample = False
-    encode = _Encoder(tokenizer)
-    world = load_world(data_dir)
-    instructions = (DEFAULT_PREFERENCE_TEXT, CHINESE_PREFERENCE_TEXT)
-    batch_size = PRETRAINING["batch_size"]
-    examples = [encode(*row) for row in pretraining_examples(world, instructions, steps * batch_size, seed)]
-    batches = _length_buckets(examples, batch_size, random.Random(seed))
-
+    batches = _length_buckets(examples, PRETRAINING["batch_size"], random.Random(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAINING["learning_rate"], weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=PRETRAINING["learning_rate"], total_steps=steps, pct_start=0.05
@@ -401,12 +380,50 @@ def build_embedded_model(
             logger.info("Pretraining step %d/%d: response loss %.3f", step + 1, steps, sum(recent) / len(recent))
     model.eval()
 
+
+def build_embedded_model(
+    output_dir: str | Path,
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    steps: int = PRETRAINING["steps"],
+    seed: int = PRETRAINING["seed"],
+) -> Path:
+    """Build the tokenizer, pretrain the tiny model on the embedded data's world, write both to `output_dir`.
+
+    Deterministic on one machine (fixed seeds, fixed order, one thread). Written to a sibling folder first
+    and moved into place, with `BUILD_INFO` last: a build killed half-way leaves no model that looks finished.
+    """
+    import torch
+
+    from .config import DEFAULT_PREFERENCE_TEXT
+
+    started = time.monotonic()
+    output_dir, data_dir = Path(output_dir), Path(data_dir)
+    instructions = (DEFAULT_PREFERENCE_TEXT, CHINESE_PREFERENCE_TEXT)
     test_pairs = []
     with open(data_dir / "test.jsonl", encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             test_pairs.append((row["prompt"], row["chosen"][-1]["content"], row["rejected"][-1]["content"]))
-    effect = instruction_effect(model, encode, tokenizer.pad_token_id, test_pairs, DEFAULT_PREFERENCE_TEXT)
+    # One thread: the matrices are tiny (hidden 64), so a second thread mostly waits, and on a busy machine
+    # its spinning made steps 10x slower (measured: 20 steps in 80 s with two threads, 7 s with one). The
+    # weights then do not depend on the machine's core count either.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        tokenizer = train_tokenizer(_corpus(data_dir), 2048)
+        model = _random_model(tokenizer, EMBEDDED_SHAPE["hidden_size"], EMBEDDED_SHAPE["num_hidden_layers"], seed)
+        model.generation_config.do_sample = False
+        encode = _Encoder(tokenizer)
+        world = load_world(data_dir)
+        examples = [
+            encode(*row) for row in pretraining_examples(world, instructions, steps * PRETRAINING["batch_size"], seed)
+        ]
+        _pretrain(model, tokenizer, examples, steps, seed)
+        effect = instruction_effect(model, encode, tokenizer.pad_token_id, test_pairs, DEFAULT_PREFERENCE_TEXT)
+    finally:
+        torch.set_num_threads(threads)
+
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

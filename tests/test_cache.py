@@ -127,7 +127,7 @@ def test_reference_log_probs_are_reused_unless_the_model_changes(
     original = PreferenceGuidedDPOTrainer.compute_ref_log_probs
 
     def counting(self, model, inputs):
-        passes.append(len(inputs["prompt_ids"]))
+        passes.append(inputs["input_ids"].shape[0] // 2)  # rows: chosen..., rejected...
         return original(self, model, inputs)
 
     monkeypatch.setattr(PreferenceGuidedDPOTrainer, "compute_ref_log_probs", counting)
