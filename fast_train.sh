@@ -70,6 +70,9 @@ MERGE_ADAPTER="${MERGE_ADAPTER:-false}"   # true: also write the merged full mod
 RUN_NAME="${RUN_NAME:-Preference_Guided_DPO}"
 OUTPUT_DIR="${OUTPUT_DIR:-./model_output/$RUN_NAME}"
 LOG_DIR="${LOG_DIR:-./logs/$RUN_NAME}"
+CACHE="${CACHE:-true}"                    # false: recompute the tokenized pairs and reference log-probs, keep none
+CACHE_DIR="${CACHE_DIR:-$SCRIPT_DIR/.cache/preference_dpo}"  # reused across runs; safe to delete
+NUM_SAMPLE_PROMPTS="${NUM_SAMPLE_PROMPTS:-3}"  # held-out prompts generated from at each evaluation; 0: none
 DRY_RUN="${DRY_RUN:-0}"                   # 1: print the exact command and exit
 PYTHON="${PYTHON:-python3}"
 
@@ -151,6 +154,8 @@ case "$STAGE" in
   *) die "STAGE='$STAGE' must be dpo, ptune or all." ;;
 esac
 
+# Everything this script prints goes to this file too; the trainer adds the full settings to it.
+log_file="$LOG_DIR/runs/train_$(date +%Y%m%d_%H%M%S).log"
 train_args=(
   --model_name_or_path "$POLICY_MODEL_PATH"
   --train_dataset_path "$TRAIN_DATASET_PATH"
@@ -186,6 +191,10 @@ train_args=(
   --run_name "$RUN_NAME"
   --output_dir "$OUTPUT_DIR"
   --log_dir "$LOG_DIR"
+  --cache "$CACHE"
+  --cache_dir "$CACHE_DIR"
+  --num_sample_prompts "$NUM_SAMPLE_PROMPTS"
+  --log_file "$log_file"
 )
 [[ -n "$REFERENCE_MODEL_PATH" ]] && train_args+=(--reference_model_path "$REFERENCE_MODEL_PATH")
 [[ -n "$PROMPT_EMBEDDING_PATH" ]] && train_args+=(--prompt_embedding_path "$PROMPT_EMBEDDING_PATH")
@@ -268,9 +277,9 @@ if [[ "$DEVICE" == cpu ]]; then
 fi
 
 embedded_model="$SCRIPT_DIR/tiny_model"
-if [[ "$POLICY_MODEL_PATH" == "$embedded_model" && ! -f "$embedded_model/config.json" ]]; then
-  echo "fast_train.sh: building the embedded tiny model in $embedded_model" >&2
-  (cd "$SCRIPT_DIR" && "$PYTHON" -m preference_dpo.tiny_model --output_dir "$embedded_model")
+if [[ "$POLICY_MODEL_PATH" == "$embedded_model" ]]; then
+  # Builds (about a minute) when missing or built by an older recipe; otherwise returns at once.
+  (cd "$SCRIPT_DIR" && "$PYTHON" -m preference_dpo.tiny_model --output_dir "$embedded_model" --if_needed)
 fi
 
 # Signals go through this script. The training job (the command and its `tee`) runs in a process group of its own
@@ -313,7 +322,6 @@ run_job() {
 }
 
 mkdir -p "$LOG_DIR/runs"
-log_file="$LOG_DIR/runs/train_$(date +%Y%m%d_%H%M%S).log"
 echo "fast_train.sh: logging to $log_file" >&2
 for stage in "${stages[@]}"; do  # a failed or interrupted stage stops the script (set -e): none runs after it
   run_job --stage "$stage"

@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
             from preference_dpo.ptune import run
         else:
             from preference_dpo.pipeline import run
+        from preference_dpo.report import attach_log_file, log_settings
 
-        logging.getLogger(__name__).info("Settings: %s | %s | %s", data_args, model_args, train_args.to_json_string())
+        # The full settings go to the log file (and run_config.json); the console gets a summary.
+        attach_log_file(train_args.log_file, _is_main_process())
+        log_settings(data_args, model_args, train_args)
         run(data_args, model_args, train_args)
     except UserInputError as e:
         for problem in e.problems:

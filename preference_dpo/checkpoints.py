@@ -71,11 +71,17 @@ def check_output_dir(output_dir: str, overwrite: bool) -> list[str]:
 def clear_previous_run(output_dir: str) -> None:
     """OVERWRITE: drop the old run's completion marker and checkpoints, so none of it is resumed or kept."""
     folder = Path(output_dir)
+    replaced = []
     if is_finished_run(folder):
         (folder / RUN_CONFIG_NAME).unlink()
-    for _, path in checkpoints(folder):
+        replaced.append("a finished run")
+    found = checkpoints(folder)
+    for _, path in found:
         shutil.rmtree(path)
-    logger.warning("OVERWRITE: replacing the previous run in %s", folder)
+    if found:
+        replaced.append(f"{len(found)} checkpoint(s)")
+    if replaced:  # an empty or new folder has nothing to replace: no warning
+        logger.warning("OVERWRITE: replacing the previous run in %s (%s)", folder, " and ".join(replaced))
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:

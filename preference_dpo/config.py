@@ -81,6 +81,9 @@ LAUNCHER_VARIABLES = {
     "PTUNE_EPOCHS": "ptune_epochs",
     "PTUNE_MAX_STEPS": "ptune_max_steps",
     "PTUNE_OUTPUT_DIR": "ptune_output_dir",
+    "CACHE": "cache",
+    "CACHE_DIR": "cache_dir",
+    "NUM_SAMPLE_PROMPTS": "num_sample_prompts",
 }
 _FLAG_TO_VARIABLE = {flag: var for var, flag in LAUNCHER_VARIABLES.items()}
 
@@ -277,6 +280,29 @@ class PreferenceDPOConfig(DPOConfig):
     ptune_output_dir: str | None = field(
         default=None, metadata={"help": "Where the learned prompt goes. Default: <output_dir>/ptune."}
     )
+    cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse the tokenized views and the reference log-probs of an earlier run with the same data, "
+            "model, tokenizer and instruction (`--no_cache` or `--cache false`: recompute, keep nothing)."
+        },
+    )
+    cache_dir: str = field(
+        default=str(REPO_ROOT / ".cache" / "preference_dpo"),
+        metadata={"help": "Where the cache lives (safe to delete; several runs and ranks may share it)."},
+    )
+    num_sample_prompts: int = field(
+        default=3,
+        metadata={
+            "help": "Held-out prompts generated from greedily, without and with the instruction, before training "
+            "and at each evaluation (TensorBoard text and the final report); 0 turns it off."
+        },
+    )
+    sample_max_new_tokens: int = field(default=48, metadata={"help": "Longest sample generation, in tokens."})
+    log_file: str | None = field(
+        default=None,
+        metadata={"help": "A file that also gets the full settings and every sample (the launcher passes its log)."},
+    )
 
     # TRL / transformers fields whose defaults differ for this tool (as TRL itself overrides learning_rate)
     output_dir: str | None = field(default=None, metadata={"help": "Default: model_output/<run_name>."})
@@ -306,6 +332,10 @@ class PreferenceDPOConfig(DPOConfig):
         },
     )
     warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps (a float < 1 is a fraction)."})
+    eval_on_start: bool = field(
+        default=True,
+        metadata={"help": "Evaluate once before training, so the report and TensorBoard show before and after."},
+    )
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -412,6 +442,13 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
     positive("aligned_loss_weight", train.aligned_loss_weight, strict=False, hint=" Use 0 for plain DPO.")
     positive("learning_rate", train.learning_rate, hint=" Typical: 1e-5 to 1e-3.")
     positive("per_device_train_batch_size", train.per_device_train_batch_size)
+    from .report import MAX_SAMPLE_PROMPTS
+
+    if not 0 <= train.num_sample_prompts <= MAX_SAMPLE_PROMPTS:
+        problems.append(
+            f"{describe('num_sample_prompts')} must be between 0 and {MAX_SAMPLE_PROMPTS}; got {train.num_sample_prompts}."
+        )
+    positive("sample_max_new_tokens", train.sample_max_new_tokens)
     if train.gradient_accumulation_steps < 1:
         problems.append(
             f"{describe('gradient_accumulation_steps')} must be >= 1; got {train.gradient_accumulation_steps}."
@@ -483,9 +520,10 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
             logger.warning("%s = %g is outside the usual range %g-%g.", describe(flag), value, low, high)
     if train.aligned_loss_weight > 0.5:
         logger.warning(
-            "%s = %g is large: the hinge never saturates, so margins can grow without bound (see METHOD.md).",
+            "%s = %g is large: %s",
             describe("aligned_loss_weight"),
             train.aligned_loss_weight,
+            _LARGE_ALPHA.get(train.align_loss, _LARGE_ALPHA_OTHER),
         )
 
 
@@ -551,6 +589,18 @@ def _ptune_problems(train: PreferenceDPOConfig) -> list[str]:
     if not train.ptune_output_dir:
         problems.append(f"{describe('ptune_output_dir')} is empty: give the folder for the learned prompt.")
     return problems
+
+
+# What a large ALPHA risks, per form (docs/method.md, "Known behaviour of the aligned loss")
+_LARGE_ALPHA = {
+    "hinge": "the hinge's target moves with the policy, so it never saturates and margins can grow without "
+    "bound (docs/method.md). Watch aligned_active_frac and logps_train/chosen.",
+    "ref_hinge": "every pair below the reference's instructed margin gets ALPHA added to its DPO weight, much "
+    "like a larger learning rate on those pairs (docs/method.md). Watch logps_train/chosen.",
+    "distill": "the KL term can outweigh DPO and pull the un-instructed model onto the instructed one token by "
+    "token, and training can go unstable (docs/method.md). Watch logps_train/chosen.",
+}
+_LARGE_ALPHA_OTHER = "the aligned term can outweigh DPO (docs/method.md). Watch logps_train/chosen."
 
 
 def _zero_stage(deepspeed) -> int | None:

@@ -1,4 +1,4 @@
-"""The preference-guided DPO objective as pure tensor functions (METHOD.md, "Loss").
+"""The preference-guided DPO objective as pure tensor functions (docs/method.md, "The loss").
 
 Inputs are per-pair summed log-probs of the response tokens, shape [batch]:
 
@@ -44,9 +44,9 @@ def hinge_aligned_loss(target: torch.Tensor, h_base: torch.Tensor) -> torch.Tens
     """mean(relu(stopgrad(target) - h_base)): raise the un-instructed margin to the target margin.
 
     `hinge` uses the policy's own instructed margin h_pref as target, which rises with h_base, so the
-    term never saturates (METHOD.md, "Known behaviour"). `ref_hinge` uses the frozen reference's
-    instructed margin, a fixed target: the term stops once the un-instructed policy is as decisive as
-    the instructed base model.
+    term never saturates (docs/method.md, "Known behaviour of the aligned loss"). `ref_hinge` uses the
+    frozen reference's instructed margin, a fixed target: the term stops once the un-instructed policy
+    is as decisive as the instructed base model.
     """
     return torch.relu(target.detach() - h_base).mean()
 
@@ -95,7 +95,7 @@ def preference_stats(
 def aligned_active(target: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
     """1.0 for pairs whose margin is below the target (`target > h_base`): where a hinge form pushes.
 
-    `target` is h_pref for `hinge` and `distill` (METHOD.md's `aligned_active_frac`), h_ref_pref for
+    `target` is h_pref for `hinge` and `distill` (`aligned_active_frac` in docs/method.md), h_ref_pref for
     `ref_hinge`. Strict: a pair exactly at its target is not active.
     """
     return (target.detach() > h_base.detach()).float()
@@ -146,7 +146,6 @@ class LMHead:
         if self.final_logit_softcapping is not None:
             z = self.final_logit_softcapping * torch.tanh(z / self.final_logit_softcapping)
         return z
-
 
 
 # The smallest probability mass the top-K bucket takes: log(1e-30). It keeps log q_R and log s_R finite when

@@ -1,4 +1,5 @@
-"""TensorBoard tags: the one table from trainer log keys to METHOD.md's tag names, and its writer.
+"""TensorBoard tags: the one table from trainer log keys to the tag names of docs/method.md, its writer,
+and the custom-scalars layout that is the run's first page in TensorBoard.
 
 Metric names are an API: dashboards and comparisons depend on them. Keys not in the table (TRL's and
 transformers' other metrics: learning rate, grad norm, entropy, ...) keep their names under `train/`
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 
 from transformers import TrainerCallback
@@ -42,10 +44,70 @@ METRIC_TAGS: dict[str, tuple[str, str]] = {
     ),
     "logps/chosen": ("logps_train/chosen", "logps_eval/chosen"),
     "logps/rejected": ("logps_train/rejected", "logps_eval/rejected"),
+    # the instruction's effect on the policy itself: h_base and h_pref per pair, summarised
+    "accuracy_base": ("preference_metrics/accuracy_base", "preference_metrics_eval/accuracy_base"),
+    "accuracy_guided": ("preference_metrics/accuracy_guided", "preference_metrics_eval/accuracy_guided"),
+    "margin_base": ("preference_metrics/margin_base", "preference_metrics_eval/margin_base"),
+    "margin_guided": ("preference_metrics/margin_guided", "preference_metrics_eval/margin_guided"),
 }
 
 # Tags written only when the guided view runs in training (ALPHA > 0); evaluation always writes them.
-GUIDED_KEYS = ("aligned_loss", "pref_advantage_ratio", "pref_delta_w", "pref_delta_l", "aligned_active_frac")
+GUIDED_KEYS = (
+    "aligned_loss",
+    "pref_advantage_ratio",
+    "pref_delta_w",
+    "pref_delta_l",
+    "aligned_active_frac",
+    "accuracy_base",
+    "accuracy_guided",
+    "margin_base",
+    "margin_guided",
+)
+
+SAMPLES_TAG = "samples/greedy"  # TensorBoard text: the sample generations at each evaluation
+
+
+def _tags(*keys: str, eval_only: bool = False) -> list[str]:
+    """Regexes matching exactly the train and eval tags of `keys` (custom-scalars charts take regexes)."""
+    tags = [tag for key in keys for tag in METRIC_TAGS[key][1 if eval_only else 0 :]]
+    return [f"^{re.escape(tag)}$" for tag in tags]
+
+
+def story_layout(ptune: bool = False) -> dict[str, dict[str, list]]:
+    """The custom-scalars page (TensorBoard's CUSTOM SCALARS tab): the run's story, in reading order.
+
+    Losses; whether the model prefers the chosen answers; the instruction's effect with and without it on
+    held-out pairs (the method's point); and the over-optimisation watch (`logps_*/chosen`).
+    """
+    layout = {
+        "1 Loss": {
+            "loss (train, eval)": ["Multiline", _tags("loss")],
+            "loss components, train": ["Multiline", [r"^loss_components/.*"]],
+            "loss components, eval": ["Multiline", [r"^loss_components_eval/.*"]],
+        },
+        "2 Preference for the chosen answer": {
+            "reward accuracy (train, eval)": ["Multiline", _tags("rewards/accuracies")],
+            "held-out pair accuracy, without vs with the instruction": [
+                "Multiline",
+                _tags("accuracy_base", "accuracy_guided", eval_only=True),
+            ],
+            "held-out margin (nats), without vs with the instruction": [
+                "Multiline",
+                _tags("margin_base", "margin_guided", eval_only=True),
+            ],
+        },
+        "3 The instruction's effect": {
+            "pref_advantage_ratio (train, eval)": ["Multiline", _tags("pref_advantage_ratio")],
+            "aligned_active_frac (train, eval)": ["Multiline", _tags("aligned_active_frac")],
+        },
+        "4 Over-optimisation watch": {
+            "logp(chosen), base view (train, eval)": ["Multiline", _tags("logps/chosen")],
+            "logp(rejected), base view (train, eval)": ["Multiline", _tags("logps/rejected")],
+        },
+    }
+    if ptune:  # the learned-prompt stage runs first: its page comes first
+        layout = {"0 Learned preference prompt (ptune)": {"ptune": ["Multiline", [r"^ptune/.*"]]}, **layout}
+    return layout
 
 
 def tensorboard_tag(key: str) -> str:
@@ -74,11 +136,13 @@ def ptune_tensorboard_tag(key: str) -> str:
 
 
 class TensorBoardMetricsCallback(TrainerCallback):
-    """Writes every logged scalar to one events file directly in `log_dir`, on the main process only."""
+    """Writes every logged scalar to one events file directly in `log_dir`, on the main process only,
+    with the custom-scalars layout (`story_layout`) as the run's first page."""
 
-    def __init__(self, log_dir: str, tag=tensorboard_tag):
+    def __init__(self, log_dir: str, tag=tensorboard_tag, layout: dict | None = None):
         self.log_dir = log_dir
         self.tag = tag  # log key -> tag: `tensorboard_tag`, or `ptune_tensorboard_tag` for the ptune stage
+        self.layout = story_layout() if layout is None else layout
         self._writer = None
 
     def _get_writer(self):
@@ -87,7 +151,13 @@ class TensorBoardMetricsCallback(TrainerCallback):
 
             os.makedirs(self.log_dir, exist_ok=True)
             self._writer = SummaryWriter(log_dir=self.log_dir)
+            self._writer.add_custom_scalars(self.layout)
         return self._writer
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        """A markdown text (TensorBoard's TEXT tab), e.g. the sample generations; main process only."""
+        self._get_writer().add_text(tag, text, step)
+        self._writer.flush()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -27,21 +27,29 @@ STAGING_DIR = ".final_outputs_incomplete"
 TOKENIZED_DIR = ".tokenized"
 
 
-def file_backed(dataset, folder: Path, train_args: PreferenceDPOConfig):
-    """The dataset saved once (main process) and memory-mapped by every rank from `folder`.
+def tokenized_views(split: str, path: str, raw, data_args, tokenizer, tokenize_kwargs: dict, train_args, cache):
+    """One split's tokenized views of the loaded pairs `raw` and their meta (pairs loaded, sample prompts),
+    reused from `cache` if there.
 
-    TRL's reference precompute caches its results next to the dataset's files; for a data set that lives
-    only in memory that is a private temporary folder per process, and every rank but 0 fails to find
-    rank 0's cache. A shared file-backed copy gives all ranks the same cache folder.
+    The data set is file-backed either way (the cache entry, or `OUTPUT_DIR/.tokenized` with the cache
+    off) and memory-mapped by every rank: TRL's reference precompute keeps its results next to the data
+    set's files, and an in-memory data set would give each process a private folder, where every rank
+    but 0 fails to find rank 0's results.
     """
-    from datasets import load_from_disk
+    from .cache import tokenized_key
+    from .report import MAX_SAMPLE_PROMPTS, pick_sample_prompts
+    from .views import tokenize_preference_dataset
 
-    with train_args.main_process_first(desc=f"saving {folder.name}"):
-        if train_args.process_index == 0:
-            if folder.exists():
-                shutil.rmtree(folder)
-            dataset.save_to_disk(str(folder))
-    return load_from_disk(str(folder))
+    def build():
+        dataset = tokenize_preference_dataset(raw, tokenizer, name=split, **tokenize_kwargs)
+        meta = {"loaded": len(raw)}
+        if split == "test":
+            meta["sample_prompts"] = pick_sample_prompts(raw, MAX_SAMPLE_PROMPTS)
+        return dataset, meta
+
+    settings = {k: v for k, v in tokenize_kwargs.items() if k != "num_proc"}
+    key = tokenized_key(split, path, data_args, tokenizer, settings)
+    return cache.tokenized(split, key, build, train_args)
 
 
 def check_causal_lm(path: str, flag: str, trust_remote_code: bool, revision: str | None = None):
@@ -120,10 +128,12 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config
 
+    from . import report
+    from .cache import DatasetCache
     from .data import load_train_and_test
     from .metrics import TensorBoardMetricsCallback, ThroughputCallback
     from .trainer import PreferenceGuidedDPOTrainer
-    from .views import PreferenceViewsCollator, load_prompt_embedding, tokenize_preference_dataset
+    from .views import PreferenceViewsCollator, load_prompt_embedding
 
     started = time.monotonic()
     remote = train_args.trust_remote_code
@@ -159,17 +169,23 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         "num_proc": train_args.dataset_num_proc,
     }
     train_pairs, test_pairs = load_train_and_test(data_args)
-    train_dataset = tokenize_preference_dataset(train_pairs, tokenizer, name="train", **tokenize_kwargs)
-    eval_dataset = None
+    cache = DatasetCache(Path(train_args.cache_dir), train_args.cache, Path(train_args.output_dir) / TOKENIZED_DIR)
+    views = (data_args, tokenizer, tokenize_kwargs, train_args, cache)
+    train_dataset, _ = tokenized_views("train", data_args.train_dataset_path, train_pairs, *views)
+    eval_dataset, test_meta = None, {}
     if test_pairs is not None:
-        eval_dataset = tokenize_preference_dataset(test_pairs, tokenizer, name="test", **tokenize_kwargs)
+        eval_dataset, test_meta = tokenized_views("test", data_args.test_dataset_path, test_pairs, *views)
     elif train_args.eval_strategy != "no":
         logger.info("No test set: evaluation is off.")
         train_args.eval_strategy = "no"
-    tokenized = Path(train_args.output_dir) / TOKENIZED_DIR
-    train_dataset = file_backed(train_dataset, tokenized / "train", train_args)
-    if eval_dataset is not None:
-        eval_dataset = file_backed(eval_dataset, tokenized / "test", train_args)
+    if eval_dataset is None or train_args.eval_strategy == "no":  # no evaluation during training: none before it
+        train_args.eval_on_start = False
+    if train_args.process_index == 0:
+        logger.info(
+            report.summary(
+                data_args, model_args, train_args, len(train_dataset), len(eval_dataset or []), num_soft_tokens
+            )
+        )
     # Main process first: it removes what must go (an old run, half-written checkpoints); the other ranks
     # then find the same folder state instead of racing it.
     with train_args.main_process_first(desc="checking the output folder"):
@@ -191,6 +207,14 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     # Started by DeepSpeed's launcher (it passes --local_rank), which forwards signals to the ranks.
     stopper = StopOnSignal(launched=train_args.local_rank != -1)
     throughput = ThroughputCallback()  # before the TensorBoard writer: it adds its figures to the logs
+    sample_prompts = test_meta.get("sample_prompts", [])[: train_args.num_sample_prompts]
+    samples = report.SampleGenerations(
+        report.encode_sample_prompts(sample_prompts, tokenizer, tokenize_kwargs),
+        tokenizer,
+        train_args.sample_max_new_tokens,
+        tensorboard,
+        prompt_embedding,
+    )
     trainer = PreferenceGuidedDPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -205,14 +229,17 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[throughput, tensorboard, stopper],
+        # samples first: they run after each evaluation and before the throughput clock restarts
+        callbacks=[samples, throughput, tensorboard, stopper],
         prompt_embedding=prompt_embedding,
     )
     train_started = time.monotonic()
+    timing = {"setup (tokenizing, loading, reference pass)": train_started - started}
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:
         stopper.restore()
+    timing["training with its evaluations"] = time.monotonic() - train_started
     if trainer.is_world_process_zero():
         logger.info("Training: %s", throughput.summary(train_args, trainer.state, time.monotonic() - train_started))
     if stopper.stop_signal is not None:  # every rank takes this branch: the decision was collective
@@ -230,19 +257,33 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         logger.warning("Skipped %d batches with a NaN/Inf loss.", trainer.nonfinite_batches_skipped)
     final_metrics: dict[str, float] = {}
     if eval_dataset is not None:
-        final_metrics = trainer.evaluate()
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})
+        if last.get("step") == trainer.state.global_step:  # the last step was just evaluated: same weights
+            final_metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
+        else:
+            evaluation_started = time.monotonic()
+            final_metrics = trainer.evaluate()
+            timing["final evaluation"] = time.monotonic() - evaluation_started
     tensorboard.close()
 
     save_outputs(trainer, tokenizer, config, data_args, model_args, train_args, final_metrics, len(train_dataset))
     if trainer.is_world_process_zero():
-        elapsed = time.monotonic() - started
-        summary = f"Finished {trainer.state.global_step} steps in {elapsed:.0f} s"
-        if final_metrics:
-            summary += (
-                f"; held-out reward accuracy {final_metrics['eval_rewards/accuracies']:.3f}, "
-                f"pref_advantage_ratio {final_metrics['eval_pref_advantage_ratio']:.3f}"
+        cache.remove_fallback()  # the per-run copy of the tokenized pairs (cache off); every rank is done with it
+        if samples.history:
+            timing["of which sample generations"] = samples.seconds
+        timing = {"wall": time.monotonic() - started, **timing}
+        logger.info(
+            report.report(
+                train_args.run_name,
+                final_metrics,
+                trainer.state.log_history,
+                samples,
+                timing,
+                trainer.state.global_step,
+                train_args.output_dir,
+                report.tensorboard_command(train_args),
             )
-        logger.info("%s. Adapter in %s, TensorBoard in %s", summary, train_args.output_dir, train_args.log_dir)
+        )
     return final_metrics
 
 
@@ -267,5 +308,4 @@ def save_outputs(trainer, tokenizer, base_config, data_args, model_args, train_a
         move_into(staging, output_dir, last=RUN_CONFIG_NAME)
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        shutil.rmtree(output_dir / TOKENIZED_DIR, ignore_errors=True)  # a per-run cache, rebuilt on every start
         shutil.rmtree(output_dir / TEACHER_DIR, ignore_errors=True)  # kept until now for resuming (teacher.py)

@@ -18,6 +18,7 @@ What it relies on in TRL 1.16 (pinned; `tests/test_trl_contract.py` fails loudly
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from trl import DPOTrainer
 
+from .cache import cached_columns, log_reference_pass, reference_fingerprint
 from .checkpoints import last_complete_checkpoint, mark_complete
 from .errors import NonFiniteLossError, UserInputError
 from .losses import (
@@ -167,7 +169,7 @@ def sequence_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor)
 
 
 class PreferenceGuidedDPOTrainer(DPOTrainer):
-    """DPO on the base view, plus `ALPHA * aligned_loss` against the guided view (METHOD.md).
+    """DPO on the base view, plus `ALPHA * aligned_loss` against the guided view (docs/method.md).
 
     Datasets must come from `views.tokenize_preference_dataset` and batches from
     `views.PreferenceViewsCollator`. `prompt_embedding` ([k, hidden]) selects embedding mode.
@@ -195,8 +197,27 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             if self.eval_dataset is not None:
                 self.eval_dataset = precompute(self.eval_dataset, "eval")
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        log_reference_pass(dataset, self._precompute_model_hash, name, self.accelerator.is_main_process)
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
     def _precompute_ref_guided_logps(self, dataset, name: str):
-        """The reference model's guided-view log-probs of every pair, once, as two new columns (`ref_hinge`)."""
+        """The reference model's guided-view log-probs of every pair, once, as two new columns (`ref_hinge`);
+        reused across runs from a file beside the data set, keyed like TRL's reference columns plus the soft
+        prompt and the guided-forward layout."""
+        from trl.trainer.utils import hash_module
+
+        model_hash = self._precompute_model_hash or hash_module(self.ref_model or self.model)
+        soft = (
+            "" if self.prompt_embedding is None else hashlib.sha256(self.prompt_embedding.numpy().tobytes()).hexdigest()
+        )
+        fingerprint = reference_fingerprint(dataset, model_hash, "ref_guided", soft, self.args.guided_forward)
+        what = f"the reference's guided-view log-probs of the {name} pairs"
+        return cached_columns(
+            dataset, fingerprint, lambda: self._ref_guided_columns(dataset, name), self.accelerator, what
+        )
+
+    def _ref_guided_columns(self, dataset, name: str) -> dict[str, list[float]]:
         from torch.utils.data import DataLoader
 
         loader = self.accelerator.prepare(
@@ -225,9 +246,10 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
                 rejected.append(r.float().cpu())
         self.model.train(was_training)
         logger.info("Computed the reference's guided-view log-probs for %d %s pairs", len(dataset), name)
-        return dataset.add_column(REFERENCE_GUIDED_COLUMNS[0], torch.cat(chosen).tolist()).add_column(
-            REFERENCE_GUIDED_COLUMNS[1], torch.cat(rejected).tolist()
-        )
+        return {
+            REFERENCE_GUIDED_COLUMNS[0]: torch.cat(chosen).tolist(),
+            REFERENCE_GUIDED_COLUMNS[1]: torch.cat(rejected).tolist(),
+        }
 
     def _restore_lora_dropout(self) -> None:
         """Give the trained adapter's LoRA dropout back the rate LORA_DROPOUT set.
@@ -446,6 +468,8 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         if weight > 0 or mode == "eval":
             base_chosen, base_rejected = sequence_logps(captured[0].log_probs, base["completion_mask"])
             h_base = base_chosen - base_rejected
+            metrics["accuracy_base"].append(gather((h_base.detach() > 0).float()).mean().item())
+            metrics["margin_base"].append(gather(h_base.detach()).mean().item())
             if self.args.align_loss == "ref_distill" and not self.args.distill_top_k:  # exact: the teacher runs now
                 reference, adapter_off = self._reference(model)
                 with adapter_off:
@@ -458,6 +482,9 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
                 else:
                     guided_chosen, guided_rejected = self._guided_logps(model, guided)
                 stats = preference_stats(base_chosen, base_rejected, guided_chosen, guided_rejected)
+                h_pref = guided_chosen - guided_rejected
+                metrics["accuracy_guided"].append(gather((h_pref > 0).float()).mean().item())
+                metrics["margin_guided"].append(gather(h_pref).mean().item())
                 metrics["pref_advantage_ratio"].append(pref_advantage_ratio(gather(stats.advantage)).item())
                 metrics["pref_delta_w"].append(gather(stats.delta_w).mean().item())
                 metrics["pref_delta_l"].append(gather(stats.delta_l).mean().item())

@@ -1,4 +1,4 @@
-"""The two views of every pair (METHOD.md): base `x, y` and guided `x with p, y`.
+"""The two views of every pair (docs/method.md): base `x, y` and guided `x with p, y`.
 
 Both views share the exact completion token ids: each prompt is cut where its tokenization and that of
 prompt + completion part (TRL's rule), and a pair whose completion ids then differ between the views is

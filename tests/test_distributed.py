@@ -165,7 +165,7 @@ def launch(tmp_path, model_dir, data, name, **env):
         "TEST_DATASET_PATH": str(test), "MAX_STEPS": "4", "LOGGING_STEPS": "1", "EVAL_STEPS": "4",
         "SAVE_STEPS": "4", "OUTPUT_DIR": str(out), "LOG_DIR": str(logs), "LEARNING_RATE": "1e-2",
         "LORA_DROPOUT": "0",  # dropout draws differ with the split over ranks; the runs must compare exactly
-        **env,
+        "CACHE_DIR": str(tmp_path / "cache"), **env,  # shared by the runs: the later ones reuse it, on 2 ranks
     }  # fmt: skip
     result = subprocess.run(["bash", str(LAUNCHER), "--train_sampling_strategy", "sequential"],
                             env={**os.environ, **variables}, capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -204,6 +204,7 @@ def test_two_ranks_write_one_set_of_outputs_and_a_usable_adapter(runs, tiny_mode
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["train_batch_size"] == 4
     assert "rewards_eval/accuracy" in scalars(logs)
+    assert "Reused the reference log-probs of the train pairs from the cache: no reference pass" in run_log
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
 
 

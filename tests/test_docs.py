@@ -30,3 +30,21 @@ def test_ci_runs_the_readme_test_command():
     command = "python3 -m pip install -r requirements.txt -r requirements-dev.txt && ruff check . && python3 -m pytest"
     assert command in README
     assert command in (REPO / ".ci" / "run").read_text()
+
+
+def test_method_definition_lives_in_the_repository():
+    """Code and docs point to docs/method.md; nothing points to a spec outside the repository."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert (REPO / "docs" / "method.md").is_file()
+    spec = "METHOD" + ".md"  # spelled so that this file does not name it
+    for name in files:
+        if name.endswith((".py", ".md", ".sh")) and (REPO / name).is_file():
+            assert spec not in (REPO / name).read_text(encoding="utf-8"), name
+
+
+def test_relative_links_in_the_docs_resolve():
+    for doc in (REPO / "README.md", REPO / "README.zh-CN.md", REPO / "docs" / "method.md"):
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
+            assert (doc.parent / target).exists(), f"{doc.name}: {target}"

@@ -41,6 +41,7 @@ def run_launcher(tmp_path, model_dir, data, expect_returncode=0, **env):
         "SAVE_STEPS": "100",
         "OUTPUT_DIR": str(out),
         "LOG_DIR": str(logs),
+        "CACHE_DIR": str(tmp_path / "cache"),  # not the repository's own cache
         "ALPHA": "0.1",
         **env,
     }
@@ -160,3 +161,60 @@ def test_bad_input_is_one_line_exit_2_before_loading_weights(tmp_path, tiny_mode
     assert errors == [f"error: {bad} line 2: missing field 'rejected'; every pair needs 'chosen' and 'rejected'."]
     assert "Traceback" not in result.stdout + result.stderr
     assert "Loading weights" not in result.stdout + result.stderr
+
+
+def test_console_is_a_summary_and_a_report_the_settings_go_to_the_log_file(text_run):
+    out, logs, result = text_run
+    console = result.stdout + result.stderr
+    log = next((logs / "runs").iterdir()).read_text()
+    assert '"adam_beta1"' not in console and '"adam_beta1"' in log  # every TrainingArguments field: log file only
+    assert "Preference-guided DPO, run Preference_Guided_DPO" in console  # the summary
+    assert "Report for run Preference_Guided_DPO" in console
+    report = console[console.index("Report for run") :]
+    assert re.search(r"pair accuracy, without the instruction +[\d.]+ +[\d.]+", report)  # before and after
+    assert "step 0, with the instruction:" in report and "step 4, without the instruction:" in report
+    assert "Sample at step 0:" in log and "Sample at step 0:" not in console  # every sample: log file only
+    lines = [line for line in re.split(r"[\r\n]", console) if line.strip() and not re.search(r"\d+/\d+ \[", line)]
+    assert len(lines) < 100, "\n".join(lines)
+
+
+def test_tensorboard_first_page_and_sample_text(text_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    _, logs, _ = text_run
+    accumulator = EventAccumulator(str(logs), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    tensors = accumulator.Tags()["tensors"]
+    assert metadata.CONFIG_SUMMARY_TAG in tensors
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(accumulator.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
+    titles = [chart.title for category in layout.category for chart in category.chart]
+    assert titles[0] == "loss (train, eval)" and "pref_advantage_ratio (train, eval)" in titles
+    logged = set(accumulator.Tags()["scalars"])
+    for category in layout.category:  # every chart shows something in this run (ALPHA > 0, a test set)
+        for chart in category.chart:
+            patterns = chart.multiline.tag
+            assert any(re.search(p, tag) for p in patterns for tag in logged), chart.title
+    samples = accumulator.Tensors("samples/greedy/text_summary")  # add_text appends /text_summary
+    assert [event.step for event in samples] == [0, 2, 4]  # before training, then every evaluation (once at step 4)
+    assert b"| prompt | without the instruction | with the instruction |" in samples[0].tensor_proto.string_val[0]
+
+
+def test_rerun_with_another_alpha_reuses_tokens_and_reference_pass(tmp_path, tiny_model_dir, small_data, text_run):
+    first_out, _, _ = text_run
+    _, logs, result = run_launcher(
+        tmp_path, tiny_model_dir, small_data, MAX_STEPS="2", ALPHA="0.3", CACHE_DIR=str(first_out.parent / "cache")
+    )
+    log = next((logs / "runs").iterdir()).read_text()
+    assert "Reused the tokenized train pairs (48) from the cache" in log
+    assert "Reused the reference log-probs of the train pairs from the cache: no reference pass" in log
+    assert "Reused the reference log-probs of the eval pairs from the cache: no reference pass" in log
+    assert "Computing reference log probs" not in log  # TRL's progress bar of the reference pass
+
+
+def test_no_cache_recomputes_and_keeps_nothing(tmp_path, tiny_model_dir, small_data):
+    out, logs, _ = run_launcher(tmp_path, tiny_model_dir, small_data, MAX_STEPS="1", CACHE="false")
+    log = next((logs / "runs").iterdir()).read_text()
+    assert "Computing the reference log-probs of the train pairs" in log and "Reused" not in log
+    assert not (tmp_path / "cache").exists() and not (out / ".tokenized").exists()

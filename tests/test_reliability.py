@@ -24,6 +24,7 @@ def common(tiny_model_dir, small_data, tmp_path):
         "--model_name_or_path", str(tiny_model_dir), "--train_dataset_path", str(train),
         "--test_dataset_path", str(test), "--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "logs"),
         "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_strategy", "no",
+        "--cache_dir", str(tmp_path / "cache"),
     ]  # fmt: skip
 
 
@@ -333,7 +334,7 @@ def test_ctrl_c_on_the_launcher_saves_a_checkpoint_and_keeps_the_log(tiny_model_
         **os.environ, "DEVICE": "cpu", "POLICY_MODEL_PATH": str(tiny_model_dir), "TRAIN_DATASET_PATH": str(train),
         "TEST_DATASET_PATH": str(test), "MAX_STEPS": "60", "PER_DEVICE_BATCH_SIZE": "4", "LOGGING_STEPS": "1",
         "EVAL_STEPS": "1000", "SAVE_STEPS": "1000", "OUTPUT_DIR": str(tmp_path / "out"),
-        "LOG_DIR": str(tmp_path / "logs"),
+        "LOG_DIR": str(tmp_path / "logs"), "CACHE_DIR": str(tmp_path / "cache"),
     }  # fmt: skip
     proc = subprocess.Popen(["bash", str(REPO / "fast_train.sh")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip

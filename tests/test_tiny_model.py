@@ -42,3 +42,35 @@ def test_model_is_a_small_qwen2_with_matching_vocab(tiny_model_dir, tokenizer):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     assert config.model_type == "qwen2" and config.vocab_size == len(tokenizer)
     assert config.hidden_size == 64 and config.num_hidden_layers == 2
+
+
+def test_embedded_model_build_is_deterministic_recorded_and_rebuilt_when_its_recipe_changes(tmp_path):
+    """A short build (the real one pretrains for longer): same weights twice, a recipe stamp, stale detection."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from preference_dpo import tiny_model
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_model.DEFAULT_DATA_DIR, data)
+    first = tiny_model.build_embedded_model(tmp_path / "a", data, steps=4)
+    second = tiny_model.build_embedded_model(tmp_path / "b", data, steps=4)
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((first / tiny_model.BUILD_INFO).read_text())
+    assert info["pretraining"]["steps"] == 4 and info["held_out_pairs"] == 320
+    assert {"pair_accuracy_without_instruction", "pair_accuracy_with_instruction"} <= set(info)
+    assert tiny_model.is_current(first, data)
+
+    stamp = (first / tiny_model.BUILD_INFO).stat().st_mtime_ns
+    tiny_model.main(["--output_dir", str(first), "--data_dir", str(data), "--if_needed", "--steps", "4"])
+    assert (first / tiny_model.BUILD_INFO).stat().st_mtime_ns == stamp  # current: not rebuilt
+
+    with open(data / "test.jsonl", "a", encoding="utf-8") as f:
+        f.write((data / "train.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n")
+    assert not tiny_model.is_current(first, data)  # other data: the launcher rebuilds it
+    (first / tiny_model.BUILD_INFO).unlink()
+    assert not tiny_model.is_current(first, data)  # an older, random-weight embedded model has no stamp

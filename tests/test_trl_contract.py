@@ -24,6 +24,7 @@ def test_trl_methods_we_override_exist_with_expected_signatures():
         "_prepare_dataset": ["self", "dataset", "processing_class", "args", "dataset_name"],
         "compute_ref_log_probs": ["self", "model", "inputs"],
         "_set_signature_columns_if_needed": ["self"],
+        "_precompute_ref_logps": ["self", "dataset", "name", "batch_size"],
     }
     for name, params in expected.items():
         assert list(inspect.signature(getattr(DPOTrainer, name)).parameters) == params, name
@@ -33,6 +34,16 @@ def test_trl_methods_we_override_exist_with_expected_signatures():
         "ref_outputs"
     )
     assert "per_token_logps.sum(dim=1)" in source
+
+
+def test_reference_cache_file_is_where_trl_keeps_it():
+    """`cache.reference_fingerprint` reproduces TRL's key of its precomputed reference columns, so a cached
+    data set carries them and the log can say whether the reference pass is reused."""
+    source = inspect.getsource(DPOTrainer._precompute_ref_logps)
+    assert "model_hash = self._precompute_model_hash" in source
+    assert "fingerprint = [Hasher.hash((dataset._fingerprint, model_hash))]" in source
+    assert "cache_file = dataset._get_cache_file_path(fingerprint)" in source
+    assert "if os.path.exists(cache_file):" in source
 
 
 def make_trainer(

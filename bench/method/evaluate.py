@@ -6,7 +6,7 @@
   the held-out topics alone (`_heldout_topics`, the transfer ratio's basis), and the rate of polite greedy
   generations; greedy generations are also checked for concision and for a correct core sentence;
 - `logp(chosen)` on held-out pairs (its change from the base model shows over-optimisation);
-- `pref_advantage_ratio` = `exp(mean(h_pref - h_base))` on held-out pairs (METHOD.md);
+- `pref_advantage_ratio` = `exp(mean(h_pref - h_base))` on held-out pairs (docs/method.md);
 - parameter-change size: the Frobenius norm of all weight changes from the base model (adapter merged).
 """
 

@@ -1,0 +1,216 @@
+"""Reuse across runs: the tokenized views and the precomputed reference log-probs.
+
+A user tuning BETA, ALPHA, the learning rate or the number of steps reruns the same pairs through the
+same reference model, and the tokenization and the reference pass (a large part of an epoch on real
+data) come out the same. This module owns what they are keyed on, and nothing else decides reuse:
+
+- tokenized views, `tokenized_key`: the content of the data files, every data setting, the tokenizer
+  (its saved files), the tokenization settings (instruction text and position, number of soft tokens,
+  length limits), the split, this package's source and the versions of the libraries involved;
+- columns precomputed on a tokenized data set, `reference_fingerprint`: that data set's key plus a hash
+  of the weights of the model that computes them (the reference: the policy with its adapter disabled,
+  or `REFERENCE_MODEL_PATH`'s model; dtype included) and whatever else the caller names (the soft
+  prompt's values for the guided view). TRL's own reference precompute uses the same formula
+  (dataset fingerprint, model hash) and keeps its file next to the data set, so a cached data set
+  carries its reference log-probs with it.
+
+None of BETA, ALPHA, the learning rate or the steps is in any key: nothing cached depends on them.
+The batch size and device of the reference pass are not either: they change float rounding only.
+
+Entries are folders under `cache_dir`. A data set entry is written by one process into a temporary
+folder and renamed into place (a complete entry or none), under `main_process_first`, so the other
+ranks find it; decisions to reuse a precomputed column are the main process's, broadcast to all ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when what an entry holds changes incompatibly
+PACKAGE_DIR = Path(__file__).resolve().parent
+KEY_LIBRARIES = ("datasets", "tokenizers", "transformers", "trl", "torch")
+META_NAME = "preference_dpo_meta.json"
+
+
+def digest_path(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, or of every file under a folder (relative names included)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_digest() -> str:
+    """This package's source: a change to how pairs are read, tokenized or scored invalidates every entry."""
+    digest = hashlib.sha256()
+    for file in sorted(PACKAGE_DIR.glob("*.py")):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """The tokenizer as saved (vocabulary, merges, special tokens, chat template, padding token)."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return digest_path(folder)
+
+
+def make_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def tokenized_key(split: str, data_path: str, data_args, tokenizer, settings: dict[str, Any]) -> str:
+    """The key of one split's tokenized views (see the module docstring for what it covers)."""
+    return make_key(
+        {
+            "format": FORMAT,
+            "split": split,
+            "data": digest_path(data_path),
+            "data_args": dataclasses.asdict(data_args),
+            "tokenizer": tokenizer_digest(tokenizer),
+            "settings": settings,
+            "source": source_digest(),
+            "versions": {name: version(name) for name in KEY_LIBRARIES},
+        }
+    )
+
+
+def reference_fingerprint(dataset, model_hash: str, *extra) -> str:
+    """TRL's fingerprint of a data set's precomputed reference columns, `extra` added for other columns.
+
+    With nothing extra this is exactly `DPOTrainer._precompute_ref_logps`'s formula (the TRL contract
+    test checks it), so its cache file is found where TRL will look for it.
+    """
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash((dataset._fingerprint, model_hash, *extra) if extra else (dataset._fingerprint, model_hash))
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+@dataclasses.dataclass
+class DatasetCache:
+    """Tokenized data sets kept in `root` across runs (`enabled`), or rebuilt in `fallback` for this run only."""
+
+    root: Path
+    enabled: bool
+    fallback: Path  # OUTPUT_DIR/.tokenized: a per-run copy that every rank can memory-map
+
+    def tokenized(self, split: str, key: str, build: Callable[[], tuple[Any, dict]], train_args):
+        """(data set, meta): from the cache entry `key` if there is one, else `build()`'s, saved there.
+
+        `build` returns the tokenized data set and a JSON-serializable dict kept beside it (counts, sample
+        prompts), returned again on reuse. The data set is file-backed either way, with `key` as its
+        fingerprint, so that TRL's reference cache file lands beside it and is keyed on it.
+        """
+        from datasets import load_from_disk
+
+        folder = self.root / "tokenized" / key / split if self.enabled else self.fallback / split
+        main = train_args.process_index == 0
+        with train_args.main_process_first(desc=f"tokenizing the {split} pairs"):
+            # Without the cache the main process always rebuilds the per-run copy, and the others read it.
+            reused = (folder / META_NAME).is_file() and (self.enabled or not main)
+            if not reused:
+                dataset, meta = build()
+                self._save(dataset.flatten_indices(new_fingerprint=key), meta, folder)
+            dataset = load_from_disk(str(folder))
+            meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
+        if main:
+            if reused:
+                logger.info(
+                    "Reused the tokenized %s pairs (%d) from the cache: %s", split, len(dataset), _short(folder)
+                )
+            elif self.enabled:
+                logger.info("Cached the tokenized %s pairs in %s", split, _short(folder))
+        return dataset, meta
+
+    def _save(self, dataset, meta: dict, folder: Path) -> None:
+        """Write into a temporary sibling and rename it into place: a complete entry or none."""
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.partial")
+        dataset.save_to_disk(str(partial))
+        (partial / META_NAME).write_text(json.dumps(meta, ensure_ascii=False) + "\n", encoding="utf-8")
+        if folder.exists():
+            if self.enabled:  # another process finished the same entry first: its copy is as good
+                shutil.rmtree(partial)
+                return
+            shutil.rmtree(folder)  # the per-run copy of an earlier run of this output folder
+        os.replace(partial, folder)
+
+    def remove_fallback(self) -> None:
+        shutil.rmtree(self.fallback, ignore_errors=True)
+
+
+def cached_columns(dataset, fingerprint: str, compute: Callable[[], dict[str, list]], accelerator, what: str):
+    """`dataset` with the columns `compute()` returns, reused from the file keyed on `fingerprint` if there.
+
+    `compute` runs on every rank (it may use collective operations); the main process decides whether the
+    file is there, for all ranks, and alone writes it.
+    """
+    from accelerate.utils import broadcast_object_list
+    from datasets import Dataset, concatenate_datasets
+
+    # The main process's path and finding, for every rank: a rank that decided otherwise would skip or run
+    # the collective operations of `compute` alone.
+    decision = [dataset._get_cache_file_path(fingerprint), None]
+    decision[1] = os.path.exists(decision[0])
+    broadcast_object_list(decision, from_process=0)
+    path, found = decision
+    if found:
+        if accelerator.is_main_process:
+            logger.info("Reused %s from the cache: %s", what, _short(Path(path)))
+    else:
+        columns = compute()
+        if accelerator.is_main_process:  # written as TRL writes its reference columns: a map over the data set
+
+            def select(_batch, indices):
+                return {name: [values[i] for i in indices] for name, values in columns.items()}
+
+            dataset.map(
+                select,
+                with_indices=True,
+                batched=True,
+                remove_columns=dataset.column_names,
+                new_fingerprint=fingerprint,
+                cache_file_name=path,
+                desc=f"Caching {what}",
+            )
+        accelerator.wait_for_everyone()
+    return concatenate_datasets([dataset, Dataset.from_file(path)], axis=1)
+
+
+def log_reference_pass(dataset, model_hash: str | None, name: str, is_main_process: bool) -> None:
+    """Say whether TRL's reference pass over `dataset` will be reused from its cache file or run now."""
+    if not is_main_process or model_hash is None or not dataset.cache_files:
+        return
+    path = Path(dataset._get_cache_file_path(reference_fingerprint(dataset, model_hash)))
+    if path.exists():
+        logger.info(
+            "Reused the reference log-probs of the %s pairs from the cache: no reference pass (%s)", name, _short(path)
+        )
+    else:
+        logger.info("Computing the reference log-probs of the %s pairs (%d pairs, once)", name, len(dataset))

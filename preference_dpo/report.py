@@ -1,0 +1,364 @@
+"""What the user reads: the summary at the start, the sample generations, and the report at the end.
+
+The console gets a short, aligned summary and report; the full settings (every `TrainingArguments`
+field) and every sample generation go to the log file (`--log_file`, which the launcher sets to its own
+log) through the `preference_dpo.details` logger, and the settings to `run_config.json` at the end.
+TensorBoard gets the samples as text (`metrics.SAMPLES_TAG`) and its first page from `metrics.story_layout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .metrics import SAMPLES_TAG
+
+logger = logging.getLogger(__name__)
+details = logging.getLogger("preference_dpo.details")  # the log file only (see `attach_log_file`)
+details.propagate = False
+
+MAX_SAMPLE_PROMPTS = 32  # prompts kept with the tokenized held-out set; NUM_SAMPLE_PROMPTS may not exceed it
+TEXT_WIDTH = 110  # console lines of generated text are cut here
+
+
+def attach_log_file(path: str | None, is_main_process: bool) -> None:
+    """Send the `details` logger (full settings, every sample) to `path`, appended (the launcher's tee appends too)."""
+    if not path or not is_main_process or details.handlers:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    details.addHandler(handler)
+    details.setLevel(logging.INFO)
+
+
+def log_settings(data_args, model_args, train_args) -> None:
+    """Every resolved setting, to the log file only: the console gets the summary instead."""
+    details.info(
+        "Settings:\n%s",
+        json.dumps(
+            {
+                "data": dataclasses.asdict(data_args),
+                "model": dataclasses.asdict(model_args),
+                "training": json.loads(train_args.to_json_string()),
+            },
+            indent=2,
+            sort_keys=True,
+            default=str,
+        ),
+    )
+
+
+# --- the summary -----------------------------------------------------------------------------------
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def optimizer_steps(n_pairs: int, train_args) -> int:
+    """Optimizer steps of the run, as transformers counts them (a last partial accumulation counts)."""
+    if train_args.max_steps > 0:
+        return train_args.max_steps
+    batches = math.ceil(n_pairs / (train_args.per_device_train_batch_size * train_args.world_size))
+    per_epoch = max(math.ceil(batches / train_args.gradient_accumulation_steps), 1)
+    return math.ceil(per_epoch * train_args.num_train_epochs)
+
+
+def tensorboard_command(train_args) -> str:
+    """A TensorBoard command that lists this run under its RUN_NAME (runs are named after their folder)."""
+    log_dir = os.path.normpath(train_args.log_dir)
+    name = train_args.run_name or os.path.basename(log_dir)
+    if os.path.basename(log_dir) == name:
+        return f"tensorboard --logdir {os.path.dirname(log_dir) or '.'}"
+    return f"tensorboard --logdir_spec {name}:{log_dir}"
+
+
+def summary(data_args, model_args, train_args, n_train: int, n_test: int, num_soft_tokens: int) -> str:
+    """The start-of-run summary: what runs, on what, and where its outputs go."""
+    if train_args.training_mode == "embedding":
+        instruction = f"{num_soft_tokens} soft tokens from {train_args.prompt_embedding_path}"
+    else:
+        instruction = f"text, {train_args.preference_position} message: {train_args.preference_text!r}"
+    alpha = train_args.aligned_loss_weight
+    objective = f"DPO ({', '.join(train_args.loss_type)}, BETA {train_args.beta:g})"
+    objective += f" + ALPHA {alpha:g} x {train_args.align_loss}" if alpha > 0 else " only (ALPHA 0: plain DPO)"
+    lora = "off: every weight trains"
+    if model_args.use_peft:
+        targets = model_args.lora_target_modules or []
+        targets = targets if isinstance(targets, str) else ",".join(targets)
+        lora = f"r {model_args.lora_r}, alpha {model_args.lora_alpha}, dropout {model_args.lora_dropout:g}, {targets}"
+    ranks, per_device, accumulation = (
+        train_args.world_size,
+        train_args.per_device_train_batch_size,
+        train_args.gradient_accumulation_steps,
+    )
+    steps = optimizer_steps(n_train, train_args)
+    length = f"{steps} steps" + (f" ({train_args.num_train_epochs:g} epochs)" if train_args.max_steps <= 0 else "")
+    evaluation = "off (no held-out set)"
+    if n_test:
+        evaluation = f"{n_test} held-out pairs, before training, every {train_args.eval_steps:g} steps and at the end"
+        if train_args.num_sample_prompts:
+            evaluation += f"; {train_args.num_sample_prompts} sample prompts"
+    precision = "bf16" if train_args.bf16 else "fp16" if train_args.fp16 else "fp32"
+    cache = train_args.cache_dir if train_args.cache else "off"
+    model = model_args.model_name_or_path
+    if model_args.reference_model_path:
+        model += f" (reference: {model_args.reference_model_path})"
+    rows = [
+        ("model", model),
+        ("data", f"{n_train} train pairs ({data_args.train_dataset_path})"),
+        ("instruction", instruction),
+        ("objective", objective),
+        ("LoRA", lora),
+        (
+            "batch",
+            f"{ranks * per_device * accumulation} pairs per step ({ranks} rank x {per_device} x {accumulation} "
+            f"accumulation), LR {train_args.learning_rate:g}",
+        ),
+        ("length", length),
+        ("evaluation", evaluation),
+        ("device", f"{train_args.device.type}, {precision}, {ranks} rank(s)"),
+        ("cache", cache),
+        ("adapter", str(train_args.output_dir)),
+        ("logs", str(train_args.log_dir) + (f" (full settings: {train_args.log_file})" if train_args.log_file else "")),
+        ("TensorBoard", f"{tensorboard_command(train_args)}  then open http://localhost:6006/#custom_scalars"),
+    ]
+    return f"Preference-guided DPO, run {train_args.run_name}\n{_table(rows)}"
+
+
+# --- sample generations ------------------------------------------------------------------------------
+
+
+def prompt_text(prompt: Any) -> str:
+    """How a prompt is shown: the last user message of a conversation, or the plain-string prompt."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        text = users[-1] if users else str(prompt[-1].get("content", ""))
+    else:
+        text = str(prompt)
+    return " ".join(text.split())
+
+
+def pick_sample_prompts(dataset, n: int = MAX_SAMPLE_PROMPTS) -> list[Any]:
+    """The first `n` distinct prompts of a raw (untokenized) data set, in file order: fixed across runs."""
+    chosen, seen = [], set()
+    for prompt in dataset["prompt"]:
+        key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            chosen.append(prompt)
+            if len(chosen) == n:
+                break
+    return chosen
+
+
+@dataclass
+class SamplePrompt:
+    text: str
+    base_ids: list[int]
+    guided_ids: list[int]  # embedding mode: the base prompt then `k` placeholders for the soft tokens
+
+
+def encode_sample_prompts(prompts: list[Any], tokenizer, tokenize_kwargs: dict[str, Any]) -> list[SamplePrompt]:
+    """Both views of each prompt, tokenized exactly as training tokenizes them (`views.tokenize_views`)."""
+    from .views import template_default_system, tokenize_views
+
+    default_system = ""
+    if prompts and isinstance(prompts[0], list) and not tokenize_kwargs["num_soft_tokens"]:
+        default_system = template_default_system(tokenizer)
+    encoded = []
+    for prompt in prompts:
+        # a one-token dummy response: only the prompts are used, computed as for a real pair
+        dummy = [{"role": "assistant", "content": "x"}] if isinstance(prompt, list) else "x"
+        row = {"prompt": prompt, "chosen": dummy, "rejected": dummy}
+        views = tokenize_views(
+            row,
+            tokenizer,
+            tokenize_kwargs["preference_text"],
+            tokenize_kwargs["preference_position"],
+            tokenize_kwargs["num_soft_tokens"],
+            tokenize_kwargs["max_length"],
+            default_system,
+        )
+        encoded.append(SamplePrompt(prompt_text(prompt), views["prompt_ids"], views["guided_prompt_ids"]))
+    return encoded
+
+
+@dataclass
+class SampleGenerations(TrainerCallback):
+    """Greedy generations for fixed held-out prompts, without and with the instruction, at each evaluation.
+
+    Runs on the main process only (every rank under ZeRO-3, whose weights are sharded), after the
+    evaluation and before the throughput callback restarts its clock, so it never counts as training
+    time. Results go to TensorBoard (text), the log file, and `history` for the final report.
+    """
+
+    prompts: list[SamplePrompt]
+    tokenizer: Any
+    max_new_tokens: int
+    tensorboard: Any
+    prompt_embedding: Any = None
+    history: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        zero3 = is_deepspeed_zero3_enabled()
+        if not self.prompts or model is None or not (state.is_world_process_zero or zero3):
+            return
+        started = time.perf_counter()
+        texts = self.generate(model, synced_gpus=zero3)
+        self.seconds += time.perf_counter() - started
+        if not state.is_world_process_zero:
+            return
+        pairs = list(zip(texts[: len(self.prompts)], texts[len(self.prompts) :], strict=True))
+        self.history[state.global_step] = pairs
+        self.tensorboard.add_text(SAMPLES_TAG, samples_markdown(self.prompts, pairs), state.global_step)
+        for prompt, (without, with_) in zip(self.prompts, pairs, strict=True):
+            details.info(
+                "Sample at step %d: %s\n  without: %s\n  with:    %s", state.global_step, prompt.text, without, with_
+            )
+
+    def generate(self, model, synced_gpus: bool = False) -> list[str]:
+        """Greedy completions of every base prompt, then of every guided prompt."""
+        import torch
+        from transformers import GenerationConfig
+
+        rows = [p.base_ids for p in self.prompts] + [p.guided_ids for p in self.prompts]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        device = next(model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # left-padded
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        embeddings = model.get_input_embeddings()
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            embeds = embeddings(ids)
+            if self.prompt_embedding is not None:  # the guided rows end in k placeholders: the soft tokens
+                k = self.prompt_embedding.shape[0]
+                soft = self.prompt_embedding.to(device=device, dtype=embeds.dtype)
+                embeds[len(self.prompts) :, -k:] = soft
+            config = GenerationConfig(
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=self.tokenizer.eos_token_id,
+                use_cache=True,
+            )
+            output = model.generate(
+                inputs_embeds=embeds, attention_mask=mask, generation_config=config, synced_gpus=synced_gpus
+            )
+        model.train(was_training)
+        return [" ".join(t.split()) for t in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+def samples_markdown(prompts: list[SamplePrompt], pairs: list[tuple[str, str]]) -> str:
+    """A markdown table for TensorBoard's text tab: prompt | without the instruction | with it."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|") or "(empty)"
+
+    lines = ["| prompt | without the instruction | with the instruction |", "|---|---|---|"]
+    lines += [f"| {cell(p.text)} | {cell(a)} | {cell(b)} |" for p, (a, b) in zip(prompts, pairs, strict=True)]
+    return "\n".join(lines)
+
+
+# --- the final report --------------------------------------------------------------------------------
+
+# (label, metric key without the eval_ prefix, format); the margins and accuracies are the policy's own
+# preference (logp(chosen) - logp(rejected)), without and with the instruction, not DPO's reward vs the reference
+REPORT_ROWS = (
+    ("pair accuracy, without the instruction", "accuracy_base", "{:.3f}"),
+    ("pair accuracy, with the instruction", "accuracy_guided", "{:.3f}"),
+    ("margin (nats), without the instruction", "margin_base", "{:.2f}"),
+    ("margin (nats), with the instruction", "margin_guided", "{:.2f}"),
+    ("pref_advantage_ratio", "pref_advantage_ratio", "{:.3g}"),
+    ("aligned_active_frac", "aligned_active_frac", "{:.3f}"),
+    ("logp(chosen), without the instruction", "logps/chosen", "{:.2f}"),
+    ("reward accuracy (DPO, vs the reference)", "rewards/accuracies", "{:.3f}"),
+    ("reward margin (DPO)", "rewards/margins", "{:.3f}"),
+)
+
+
+def first_evaluation(log_history: list[dict]) -> dict[str, float] | None:
+    """The evaluation logged before training (step 0), from the trainer's history (kept across resumes)."""
+    for entry in log_history:
+        if entry.get("step") == 0 and "eval_loss" in entry:
+            return entry
+    return None
+
+
+def transfer_line(before: dict, after: dict) -> str | None:
+    """How much of the instruction's effect on the held-out margin the un-instructed model now shows."""
+    keys = ("eval_margin_base", "eval_margin_guided")
+    if not all(k in before for k in keys) or "eval_margin_base" not in after:
+        return None
+    base, instructed, trained = before[keys[0]], before[keys[1]], after[keys[0]]
+    effect = instructed - base
+    if abs(effect) < 1e-6:
+        return "Transfer: the instruction did not change the untrained model's held-out margin; nothing to transfer."
+    share = (trained - base) / effect
+    return (
+        f"Transfer: without the instruction, the held-out margin went from {base:.2f} to {trained:.2f} nats; "
+        f"with it, the untrained model's was {instructed:.2f}: {share:.0%} of the instruction's effect now shows "
+        "without it (DPO on these pairs moves this margin too: compare a run with ALPHA=0)."
+    )
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 3] + "..."
+
+
+def report(
+    run_name: str,
+    final_metrics: dict[str, float],
+    log_history: list[dict],
+    samples: SampleGenerations | None,
+    timing: dict[str, float],
+    steps: int,
+    output_dir: str,
+    tensorboard: str,
+) -> str:
+    """The end-of-run report: held-out measures before and after, transfer, sample generations, costs, paths."""
+    lines = [f"Report for run {run_name}"]
+    before = first_evaluation(log_history)
+    if final_metrics:
+        lines.append(f"  {'held-out pairs':<46}  {'before':>8}  {'after':>8}")
+        for label, key, fmt in REPORT_ROWS:
+            after_value = final_metrics.get(f"eval_{key}")
+            if after_value is None:
+                continue
+            before_value = before.get(f"eval_{key}") if before else None
+            shown = fmt.format(before_value) if before_value is not None else "-"
+            lines.append(f"  {label:<46}  {shown:>8}  {fmt.format(after_value):>8}")
+        transfer = transfer_line(before or {}, final_metrics)
+        if transfer:
+            lines.append(transfer)
+    if samples is not None and samples.history:
+        first, last = min(samples.history), max(samples.history)
+        lines.append(
+            f"Sample generations (greedy, up to {samples.max_new_tokens} new tokens; all steps in TensorBoard's TEXT tab):"
+        )
+        for i, prompt in enumerate(samples.prompts):
+            lines.append(f"  {_cut(prompt.text)}")
+            lines.append(f"    step {first}, with the instruction:    {_cut(samples.history[first][i][1])}")
+            lines.append(f"    step {first}, without the instruction: {_cut(samples.history[first][i][0])}")
+            if last != first:
+                lines.append(f"    step {last}, without the instruction: {_cut(samples.history[last][i][0])}")
+    costs = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timing.items())
+    lines.append(f"Finished {steps} steps: {costs}.")
+    lines.append(f"Adapter in {output_dir}; TensorBoard: {tensorboard}")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""What the user reads: the start summary, the final report, and the messages that used to mislead."""
+
+import logging
+
+import pytest
+
+from preference_dpo import report
+from preference_dpo.checkpoints import RUN_CONFIG_NAME, clear_previous_run
+from preference_dpo.config import parse_args
+
+
+@pytest.fixture(autouse=True)
+def _in_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default output folders are relative: keep them away from real runs
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    return ["--model_name_or_path", str(tiny_model_dir)]
+
+
+BEFORE = {
+    "step": 0,
+    "eval_loss": 0.69,
+    "eval_accuracy_base": 0.25,
+    "eval_accuracy_guided": 1.0,
+    "eval_margin_base": -2.0,
+    "eval_margin_guided": 8.0,
+    "eval_pref_advantage_ratio": 22026.0,
+    "eval_rewards/accuracies": 0.0,
+}
+AFTER = {
+    "eval_loss": 0.2,
+    "eval_accuracy_base": 0.9,
+    "eval_accuracy_guided": 1.0,
+    "eval_margin_base": 3.0,
+    "eval_margin_guided": 9.0,
+    "eval_pref_advantage_ratio": 403.4,
+    "eval_rewards/accuracies": 0.95,
+}
+
+
+def test_first_evaluation_is_the_step_0_eval_entry():
+    history = [{"step": 0, "loss": 0.7}, BEFORE, {"step": 10, "eval_loss": 0.3}]
+    assert report.first_evaluation(history) is BEFORE
+    assert report.first_evaluation([{"step": 10, "eval_loss": 0.3}]) is None  # resumed without one
+
+
+def test_transfer_is_the_share_of_the_instructions_margin_effect():
+    # effect of the instruction before training: 8 - (-2) = 10 nats; un-instructed margin moved by 5: 50%
+    line = report.transfer_line(BEFORE, AFTER)
+    assert "from -2.00 to 3.00 nats" in line and "was 8.00" in line and "50% of the instruction's effect" in line
+    assert "ALPHA=0" in line  # says what it cannot tell apart from DPO
+    assert report.transfer_line({}, AFTER) is None
+
+
+def test_report_shows_before_and_after_samples_and_costs():
+    samples = report.SampleGenerations(
+        [report.SamplePrompt("How do I boil an egg?", [1], [2])], tokenizer=None, max_new_tokens=8, tensorboard=None
+    )
+    samples.history = {0: [("No idea.", "Boil it.")], 40: [("Boil it 9 minutes.", "Boil it.")]}
+    text = report.report(
+        "demo", AFTER, [BEFORE], samples, {"wall": 61.0, "training": 50.0}, 40, "out/demo", "tensorboard --logdir logs"
+    )
+    lines = text.splitlines()
+    row = next(line for line in lines if line.lstrip().startswith("pair accuracy, without the instruction"))
+    assert row.split()[-2:] == ["0.250", "0.900"]
+    assert any("step 0, with the instruction:" in line and "Boil it." in line for line in lines)
+    assert any("step 0, without the instruction: No idea." in line for line in lines)
+    assert any("step 40, without the instruction: Boil it 9 minutes." in line for line in lines)
+    assert "Finished 40 steps: wall 61 s, training 50 s." in text
+    assert "Adapter in out/demo" in text
+    assert len(lines) < 30
+
+
+def test_summary_is_short_and_says_where_to_look(model_dir):
+    data, model, train = parse_args([*model_dir, "--run_name", "demo", "--max_steps", "7"])
+    text = report.summary(data, model, train, n_train=100, n_test=20, num_soft_tokens=0)
+    assert len(text.splitlines()) <= 15
+    assert "7 steps" in text and "100 train pairs" in text and "20 held-out pairs" in text
+    assert "ALPHA 0.1 x hinge" in text and "BETA 0.05" in text
+    assert "tensorboard --logdir logs" in text and "#custom_scalars" in text
+
+
+def test_tensorboard_command_names_the_run_after_run_name():
+    class Args:
+        run_name, log_dir = "demo", "./logs/demo"
+
+    assert report.tensorboard_command(Args) == "tensorboard --logdir logs"  # the run is listed as "demo"
+    Args.log_dir = "/tmp/elsewhere"
+    assert report.tensorboard_command(Args) == "tensorboard --logdir_spec demo:/tmp/elsewhere"
+
+
+def test_optimizer_steps_count_as_transformers_does(model_dir):
+    _, _, train = parse_args([*model_dir, "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "3"])
+    assert report.optimizer_steps(1280, train) == 54  # 160 batches -> 53 full accumulations + 1 partial
+    _, _, train = parse_args([*model_dir, "--max_steps", "5"])
+    assert report.optimizer_steps(1280, train) == 5
+
+
+@pytest.mark.parametrize(
+    ("form", "said", "not_said"),
+    [("hinge", "never saturates", "KL"), ("distill", "KL term", "hinge"), ("ref_hinge", "reference's", "saturates")],
+)
+def test_large_alpha_warning_describes_the_form_in_use(model_dir, caplog, form, said, not_said):
+    with caplog.at_level(logging.WARNING):
+        parse_args([*model_dir, "--align_loss", form, "--aligned_loss_weight", "0.8"])
+    warning = next(r.getMessage() for r in caplog.records if "ALPHA" in r.getMessage())
+    assert said in warning and not_said not in warning and "docs/method.md" in warning
+
+
+def test_overwrite_warns_only_when_it_replaces_something(tmp_path, caplog):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with caplog.at_level(logging.WARNING):
+        clear_previous_run(str(empty))
+        clear_previous_run(str(tmp_path / "missing"))
+    assert "OVERWRITE" not in caplog.text
+    finished = tmp_path / "finished"
+    (finished / "checkpoint-4").mkdir(parents=True)
+    (finished / RUN_CONFIG_NAME).write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        clear_previous_run(str(finished))
+    assert "replacing the previous run" in caplog.text and "a finished run and 1 checkpoint(s)" in caplog.text
+    assert not (finished / RUN_CONFIG_NAME).exists()
+
+
+def test_num_sample_prompts_is_bounded(model_dir):
+    from preference_dpo.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"NUM_SAMPLE_PROMPTS \(--num_sample_prompts\) must be between 0 and 32"):
+        parse_args([*model_dir, "--num_sample_prompts", "33"])
