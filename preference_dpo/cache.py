@@ -214,3 +214,20 @@ def log_reference_pass(dataset, model_hash: str | None, name: str, is_main_proce
         )
     else:
         logger.info("Computing the reference log-probs of the %s pairs (%d pairs, once)", name, len(dataset))
+
+
+def file_backed(dataset, folder: Path, train_args):
+    """The data set saved once (main process) and memory-mapped by every rank from `folder`.
+
+    TRL's reference precompute caches its results next to the data set's files; for a data set that lives
+    only in memory that is a private temporary folder per process, and every rank but 0 fails to find
+    rank 0's cache. A shared file-backed copy gives all ranks the same folder (the ptune stage's data).
+    """
+    from datasets import load_from_disk
+
+    with train_args.main_process_first(desc=f"saving {folder.name}"):
+        if train_args.process_index == 0:
+            if folder.exists():
+                shutil.rmtree(folder)
+            dataset.save_to_disk(str(folder))
+    return load_from_disk(str(folder))

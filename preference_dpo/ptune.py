@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from .cache import file_backed
 from .checkpoints import StopOnSignal, checkpoints, last_complete_checkpoint, mark_complete, move_into, resolve_resume
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
 from .errors import NonFiniteLossError, TrainingInterrupted, UserInputError
 from .losses import preference_accuracy_and_margin, prompt_dpo_loss, prompt_sft_loss
-from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, file_backed, library_versions
+from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, library_versions
 from .views import insert_soft_tokens, split_views
 
 logger = logging.getLogger(__name__)
@@ -377,7 +378,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-    from .data import load_preference_dataset
+    from .data import load_train_and_test
     from .metrics import TensorBoardMetricsCallback, ptune_tensorboard_tag
     from .views import PreferenceViewsCollator, tokenize_preference_dataset
 
@@ -399,16 +400,16 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         "max_prompt_length": train_args.max_prompt_length,
         "num_proc": train_args.dataset_num_proc,
     }
+    train_pairs, test_pairs = load_train_and_test(data_args)
     train_dataset = tokenize_preference_dataset(
-        load_preference_dataset(data_args.train_dataset_path),
+        train_pairs,
         tokenizer,
         name="train",
         num_soft_tokens=k,
         **tokenize_kwargs,
     )
     eval_dataset = text_eval = None
-    if data_args.test_dataset_path:
-        test_pairs = load_preference_dataset(data_args.test_dataset_path)
+    if test_pairs is not None:
         eval_dataset = tokenize_preference_dataset(
             test_pairs, tokenizer, name="test", num_soft_tokens=k, **tokenize_kwargs
         )
