@@ -10,6 +10,7 @@ import torch
 
 from preference_dpo.cache import DatasetCache
 from preference_dpo.config import DataArguments, ModelArguments, PreferenceDPOConfig
+from preference_dpo.data import load_preference_dataset
 from preference_dpo.pipeline import tokenized_views
 from preference_dpo.trainer import PreferenceGuidedDPOTrainer
 from preference_dpo.views import PreferenceViewsCollator
@@ -70,7 +71,8 @@ def views_of(tmp_path, data, tokenizer, cache_root, split="train", text=P, **ove
     }
     cache = DatasetCache(cache_root, args.cache, tmp_path / "out" / ".tokenized")
     path = data.train_dataset_path if split == "train" else data.test_dataset_path
-    return tokenized_views(split, path, data, tokenizer, settings, args, cache)
+    raw = load_preference_dataset(path, name=split)
+    return tokenized_views(split, path, raw, data, tokenizer, settings, args, cache)
 
 
 def test_tokenized_views_are_reused_unless_data_tokenizer_or_instruction_change(tmp_path, data, tokenizer, builds):
