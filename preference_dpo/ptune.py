@@ -370,6 +370,7 @@ def use_stage_settings(train_args: PreferenceDPOConfig, has_test_set: bool) -> P
     train_args.output_dir = train_args.ptune_output_dir
     if not has_test_set:
         train_args.eval_strategy = "no"
+        train_args.eval_on_start = False
     return train_args
 
 
