@@ -145,7 +145,7 @@ def adapter(folder):
 def test_killed_run_resumes_and_matches_uninterrupted(common, capsys, tmp_path, monkeypatch):
     from preference_dpo.trainer import PreferenceGuidedDPOTrainer
 
-    steps = ["--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-2"]
+    steps = ["--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-2", "--lora_dropout", "0"]
     reference_args = [*common, *steps, "--output_dir", str(tmp_path / "ref"), "--log_dir", str(tmp_path / "ref_logs")]
     assert run_main(reference_args, capsys)[0] == 0
 
