@@ -208,7 +208,7 @@ train_args+=(  # the soft prompt's settings: read by the ptune stage, recorded b
   --ptune_max_steps "$PTUNE_MAX_STEPS"
   --ptune_output_dir "$PTUNE_OUTPUT_DIR"
 )
-train_args+=("$@")
+user_args=("$@")  # passed last, after --stage, so that they override anything set above
 
 entry="$SCRIPT_DIR/train_with_preference_prompt.py"
 case "$ZERO_STAGE" in
@@ -266,7 +266,7 @@ fi
 
 if [[ "$DRY_RUN" == 1 ]]; then
   for stage in "${stages[@]}"; do
-    printf '%q ' "${cmd[@]}" --stage "$stage"
+    printf '%q ' "${cmd[@]}" --stage "$stage" "${user_args[@]}"
     printf '\n'
   done
   exit 0
@@ -324,5 +324,5 @@ run_job() {
 mkdir -p "$LOG_DIR/runs"
 echo "fast_train.sh: logging to $log_file" >&2
 for stage in "${stages[@]}"; do  # a failed or interrupted stage stops the script (set -e): none runs after it
-  run_job --stage "$stage"
+  run_job --stage "$stage" "${user_args[@]}"
 done
