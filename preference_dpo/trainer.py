@@ -178,6 +178,9 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
     def __init__(self, *args, prompt_embedding: torch.Tensor | None = None, **kwargs):
         self.prompt_embedding = prompt_embedding
         self.nonfinite_batches_skipped = 0
+        config = kwargs.get("args")
+        if config is not None and kwargs.get("eval_dataset") is None and config.eval_on_start:
+            config.eval_on_start = False  # our default evaluates before training; without a test set there is none
         super().__init__(*args, **kwargs)
         self._restore_lora_dropout()
         if self.args.align_loss in DISTILL_FORMS:  # the losses whose logits are computed from hidden states
