@@ -318,6 +318,21 @@ def transfer_line(before: dict, after: dict) -> str | None:
     )
 
 
+def overoptimisation_line(before: dict, after: dict) -> str | None:
+    """A warning when logp(chosen) without the instruction fell clearly: the documented sign of over-optimisation."""
+    key = "eval_logps/chosen"
+    if key not in before or key not in after:
+        return None
+    old, new = before[key], after[key]
+    if new >= old - max(2.0, 0.1 * abs(old)):
+        return None
+    return (
+        f"Watch: logp(chosen) without the instruction fell from {old:.2f} to {new:.2f} nats: the model is being "
+        'over-optimised (docs/method.md, "Known behaviour of the aligned loss"); lower LEARNING_RATE or ALPHA, '
+        "or train fewer steps."
+    )
+
+
 def _cut(text: str) -> str:
     return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 3] + "..."
 
@@ -344,9 +359,9 @@ def report(
             before_value = before.get(f"eval_{key}") if before else None
             shown = fmt.format(before_value) if before_value is not None else "-"
             lines.append(f"  {label:<46}  {shown:>8}  {fmt.format(after_value):>8}")
-        transfer = transfer_line(before or {}, final_metrics)
-        if transfer:
-            lines.append(transfer)
+        for line in (transfer_line(before or {}, final_metrics), overoptimisation_line(before or {}, final_metrics)):
+            if line:
+                lines.append(line)
     if samples is not None and samples.history:
         first, last = min(samples.history), max(samples.history)
         lines.append(

@@ -54,6 +54,18 @@ def test_transfer_is_the_share_of_the_instructions_margin_effect():
     assert report.transfer_line({}, AFTER) is None
 
 
+def test_a_falling_logp_chosen_is_flagged_as_over_optimisation():
+    before, healthy, collapsed = (
+        {"eval_logps/chosen": -2.46},
+        {"eval_logps/chosen": -1.45},
+        {"eval_logps/chosen": -99.6},
+    )
+    assert report.overoptimisation_line(before, healthy) is None
+    assert report.overoptimisation_line(before, {"eval_logps/chosen": -3.9}) is None  # within 2 nats
+    line = report.overoptimisation_line(before, collapsed)
+    assert "fell from -2.46 to -99.60 nats" in line and "over-optimised" in line and "LEARNING_RATE" in line
+
+
 def test_report_shows_before_and_after_samples_and_costs():
     samples = report.SampleGenerations(
         [report.SamplePrompt("How do I boil an egg?", [1], [2])], tokenizer=None, max_new_tokens=8, tensorboard=None
