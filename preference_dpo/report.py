@@ -104,7 +104,8 @@ def summary(data_args, model_args, train_args, n_train: int, n_test: int, num_so
         train_args.gradient_accumulation_steps,
     )
     steps = optimizer_steps(n_train, train_args)
-    length = f"{steps} steps" + (f" ({train_args.num_train_epochs:g} epochs)" if train_args.max_steps <= 0 else "")
+    epochs = train_args.num_train_epochs
+    length = f"{steps} steps" + (f" ({epochs:g} epoch{'s' * (epochs != 1)})" if train_args.max_steps <= 0 else "")
     evaluation = "off (no held-out set)"
     if n_test:
         evaluation = f"{n_test} held-out pairs, before training, every {train_args.eval_steps:g} steps and at the end"
@@ -373,7 +374,9 @@ def report(
             lines.append(f"    step {first}, without the instruction: {_cut(samples.history[first][i][0])}")
             if last != first:
                 lines.append(f"    step {last}, without the instruction: {_cut(samples.history[last][i][0])}")
-    costs = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timing.items())
+    costs = ", ".join(
+        f"{name} {seconds:.0f} s" if seconds >= 10 else f"{name} {seconds:.1f} s" for name, seconds in timing.items()
+    )
     lines.append(f"Finished {steps} steps: {costs}.")
     lines.append(f"Adapter in {output_dir}; TensorBoard: {tensorboard}")
     return "\n".join(lines)

@@ -72,7 +72,7 @@ def test_report_shows_before_and_after_samples_and_costs():
     )
     samples.history = {0: [("No idea.", "Boil it.")], 40: [("Boil it 9 minutes.", "Boil it.")]}
     text = report.report(
-        "demo", AFTER, [BEFORE], samples, {"wall": 61.0, "training": 50.0}, 40, "out/demo", "tensorboard --logdir logs"
+        "demo", AFTER, [BEFORE], samples, {"wall": 61.0, "training": 50.0, "samples": 0.34}, 40, "out/demo", "tb"
     )
     lines = text.splitlines()
     row = next(line for line in lines if line.lstrip().startswith("pair accuracy, without the instruction"))
@@ -80,7 +80,7 @@ def test_report_shows_before_and_after_samples_and_costs():
     assert any("step 0, with the instruction:" in line and "Boil it." in line for line in lines)
     assert any("step 0, without the instruction: No idea." in line for line in lines)
     assert any("step 40, without the instruction: Boil it 9 minutes." in line for line in lines)
-    assert "Finished 40 steps: wall 61 s, training 50 s." in text
+    assert "Finished 40 steps: wall 61 s, training 50 s, samples 0.3 s." in text  # small costs keep a decimal
     assert "Adapter in out/demo" in text
     assert len(lines) < 30
 
