@@ -24,7 +24,7 @@ STAGING_DIR = ".final_outputs_incomplete"
 TOKENIZED_DIR = ".tokenized"
 
 
-def tokenized_views(split: str, path: str, data_args, tokenizer, tokenize_kwargs: dict, train_args, cache):
+def tokenized_views(split: str, path: str, data_args, tokenizer, tokenize_kwargs: dict, train_args, cache, models):
     """One split's tokenized views and their meta (pairs loaded, sample prompts), reused from `cache` if there.
 
     The data set is file-backed either way (the cache entry, or `OUTPUT_DIR/.tokenized` with the cache
@@ -46,7 +46,7 @@ def tokenized_views(split: str, path: str, data_args, tokenizer, tokenize_kwargs
         return dataset, meta
 
     settings = {k: v for k, v in tokenize_kwargs.items() if k != "num_proc"}
-    key = tokenized_key(split, path, data_args, tokenizer, settings)
+    key = tokenized_key(split, path, data_args, tokenizer, settings, models)
     return cache.tokenized(split, key, build, train_args)
 
 
@@ -90,7 +90,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from trl import get_peft_config
 
     from . import report
-    from .cache import DatasetCache
+    from .cache import DatasetCache, model_digest
     from .metrics import TensorBoardMetricsCallback, ThroughputCallback
     from .trainer import PreferenceGuidedDPOTrainer
     from .views import PreferenceViewsCollator, load_prompt_embedding
@@ -119,7 +119,15 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         "num_proc": train_args.dataset_num_proc,
     }
     cache = DatasetCache(Path(train_args.cache_dir), train_args.cache, Path(train_args.output_dir) / TOKENIZED_DIR)
-    views = (data_args, tokenizer, tokenize_kwargs, train_args, cache)
+    models = {}  # the reference columns stored with the tokens depend on these (see cache.py)
+    if train_args.cache:
+        reference = model_args.reference_model_path
+        models = {
+            "policy": model_digest(model_args.model_name_or_path),
+            "reference": model_digest(reference) if reference else None,
+            "precision": (train_args.bf16, train_args.fp16),
+        }
+    views = (data_args, tokenizer, tokenize_kwargs, train_args, cache, models)
     train_dataset, _ = tokenized_views("train", data_args.train_dataset_path, *views)
     eval_dataset, test_meta = None, {}
     if data_args.test_dataset_path:
