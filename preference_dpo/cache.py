@@ -6,13 +6,17 @@ data) come out the same. This module owns what they are keyed on, and nothing el
 
 - tokenized views, `tokenized_key`: the content of the data files, every data setting, the tokenizer
   (its saved files), the tokenization settings (instruction text and position, number of soft tokens,
-  length limits), the split, this package's source and the versions of the libraries involved;
+  length limits), the split, this package's source and the versions of the libraries involved, and the
+  models' files and precision (`model_digest`: the tokens do not depend on them, but the reference
+  columns stored beside the tokens do, see below);
 - columns precomputed on a tokenized data set, `reference_fingerprint`: that data set's key plus a hash
-  of the weights of the model that computes them (the reference: the policy with its adapter disabled,
-  or `REFERENCE_MODEL_PATH`'s model; dtype included) and whatever else the caller names (the soft
-  prompt's values for the guided view). TRL's own reference precompute uses the same formula
-  (dataset fingerprint, model hash) and keeps its file next to the data set, so a cached data set
-  carries its reference log-probs with it.
+  of the in-memory weights of the model that computes them (the reference: the policy with its adapter
+  disabled, or `REFERENCE_MODEL_PATH`'s model) and whatever else the caller names (the soft prompt's
+  values for the guided view). TRL's own reference precompute uses the same formula (dataset
+  fingerprint, model hash) and keeps its file next to the data set, so a cached data set carries its
+  reference log-probs with it. The in-memory hash alone is not enough: under ZeRO-3 the weights are
+  already sharded when TRL hashes them, and every model of one shape hashes alike; the model files in
+  the data set's key are what tells two models apart there.
 
 None of BETA, ALPHA, the learning rate or the steps is in any key: nothing cached depends on them.
 The batch size and device of the reference pass are not either: they change float rounding only.
@@ -74,12 +78,29 @@ def tokenizer_digest(tokenizer) -> str:
         return digest_path(folder)
 
 
+def model_digest(path: str) -> str:
+    """A model's identity: the content of its folder's files, or a Hub model's resolved commit."""
+    if os.path.isdir(path):
+        digest = hashlib.sha256()
+        for file in sorted(p for p in Path(path).iterdir() if p.is_file()):  # what from_pretrained reads
+            digest.update(file.name.encode())
+            digest.update(digest_path(file).encode())
+        return digest.hexdigest()
+    from transformers.utils import cached_file
+    from transformers.utils.hub import extract_commit_hash
+
+    resolved = cached_file(path, "config.json")  # already downloaded: the config was checked before
+    commit = extract_commit_hash(resolved, None)
+    return f"{path}@{commit}" if commit else digest_path(Path(resolved).parent)
+
+
 def make_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def tokenized_key(split: str, data_path: str, data_args, tokenizer, settings: dict[str, Any]) -> str:
-    """The key of one split's tokenized views (see the module docstring for what it covers)."""
+def tokenized_key(split: str, data_path: str, data_args, tokenizer, settings: dict[str, Any], models: dict) -> str:
+    """The key of one split's tokenized views (see the module docstring for what it covers); `models` names
+    the policy and reference models (`model_digest`) and the precision."""
     return make_key(
         {
             "format": FORMAT,
@@ -88,6 +109,7 @@ def tokenized_key(split: str, data_path: str, data_args, tokenizer, settings: di
             "data_args": dataclasses.asdict(data_args),
             "tokenizer": tokenizer_digest(tokenizer),
             "settings": settings,
+            "models": models,
             "source": source_digest(),
             "versions": {name: version(name) for name in KEY_LIBRARIES},
         }

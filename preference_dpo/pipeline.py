@@ -27,9 +27,11 @@ STAGING_DIR = ".final_outputs_incomplete"
 TOKENIZED_DIR = ".tokenized"
 
 
-def tokenized_views(split: str, path: str, raw, data_args, tokenizer, tokenize_kwargs: dict, train_args, cache):
+def tokenized_views(
+    split: str, path: str, raw, data_args, tokenizer, tokenize_kwargs: dict, train_args, cache, models: dict
+):
     """One split's tokenized views of the loaded pairs `raw` and their meta (pairs loaded, sample prompts),
-    reused from `cache` if there.
+    reused from `cache` if there; `models` is what the reference columns stored with them depend on.
 
     The data set is file-backed either way (the cache entry, or `OUTPUT_DIR/.tokenized` with the cache
     off) and memory-mapped by every rank: TRL's reference precompute keeps its results next to the data
@@ -48,7 +50,7 @@ def tokenized_views(split: str, path: str, raw, data_args, tokenizer, tokenize_k
         return dataset, meta
 
     settings = {k: v for k, v in tokenize_kwargs.items() if k != "num_proc"}
-    key = tokenized_key(split, path, data_args, tokenizer, settings)
+    key = tokenized_key(split, path, data_args, tokenizer, settings, models)
     return cache.tokenized(split, key, build, train_args)
 
 
@@ -129,7 +131,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from trl import get_peft_config
 
     from . import report
-    from .cache import DatasetCache
+    from .cache import DatasetCache, model_digest
     from .data import load_train_and_test
     from .metrics import TensorBoardMetricsCallback, ThroughputCallback
     from .trainer import PreferenceGuidedDPOTrainer
@@ -170,7 +172,15 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     }
     train_pairs, test_pairs = load_train_and_test(data_args)
     cache = DatasetCache(Path(train_args.cache_dir), train_args.cache, Path(train_args.output_dir) / TOKENIZED_DIR)
-    views = (data_args, tokenizer, tokenize_kwargs, train_args, cache)
+    models = {}  # the reference columns stored with the tokens depend on these (see cache.py)
+    if train_args.cache:
+        reference = model_args.reference_model_path
+        models = {
+            "policy": model_digest(model_args.model_name_or_path),
+            "reference": model_digest(reference) if reference else None,
+            "precision": (train_args.bf16, train_args.fp16),
+        }
+    views = (data_args, tokenizer, tokenize_kwargs, train_args, cache, models)
     train_dataset, _ = tokenized_views("train", data_args.train_dataset_path, train_pairs, *views)
     eval_dataset, test_meta = None, {}
     if test_pairs is not None:

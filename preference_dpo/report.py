@@ -104,7 +104,8 @@ def summary(data_args, model_args, train_args, n_train: int, n_test: int, num_so
         train_args.gradient_accumulation_steps,
     )
     steps = optimizer_steps(n_train, train_args)
-    length = f"{steps} steps" + (f" ({train_args.num_train_epochs:g} epochs)" if train_args.max_steps <= 0 else "")
+    epochs = train_args.num_train_epochs
+    length = f"{steps} steps" + (f" ({epochs:g} epoch{'s' * (epochs != 1)})" if train_args.max_steps <= 0 else "")
     evaluation = "off (no held-out set)"
     if n_test:
         evaluation = f"{n_test} held-out pairs, before training, every {train_args.eval_steps:g} steps and at the end"
@@ -318,6 +319,21 @@ def transfer_line(before: dict, after: dict) -> str | None:
     )
 
 
+def overoptimisation_line(before: dict, after: dict) -> str | None:
+    """A warning when logp(chosen) without the instruction fell clearly: the documented sign of over-optimisation."""
+    key = "eval_logps/chosen"
+    if key not in before or key not in after:
+        return None
+    old, new = before[key], after[key]
+    if new >= old - max(2.0, 0.1 * abs(old)):
+        return None
+    return (
+        f"Watch: logp(chosen) without the instruction fell from {old:.2f} to {new:.2f} nats: the model is being "
+        'over-optimised (docs/method.md, "Known behaviour of the aligned loss"); lower LEARNING_RATE or ALPHA, '
+        "or train fewer steps."
+    )
+
+
 def _cut(text: str) -> str:
     return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 3] + "..."
 
@@ -344,9 +360,9 @@ def report(
             before_value = before.get(f"eval_{key}") if before else None
             shown = fmt.format(before_value) if before_value is not None else "-"
             lines.append(f"  {label:<46}  {shown:>8}  {fmt.format(after_value):>8}")
-        transfer = transfer_line(before or {}, final_metrics)
-        if transfer:
-            lines.append(transfer)
+        for line in (transfer_line(before or {}, final_metrics), overoptimisation_line(before or {}, final_metrics)):
+            if line:
+                lines.append(line)
     if samples is not None and samples.history:
         first, last = min(samples.history), max(samples.history)
         lines.append(
@@ -358,7 +374,9 @@ def report(
             lines.append(f"    step {first}, without the instruction: {_cut(samples.history[first][i][0])}")
             if last != first:
                 lines.append(f"    step {last}, without the instruction: {_cut(samples.history[last][i][0])}")
-    costs = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timing.items())
+    costs = ", ".join(
+        f"{name} {seconds:.0f} s" if seconds >= 10 else f"{name} {seconds:.1f} s" for name, seconds in timing.items()
+    )
     lines.append(f"Finished {steps} steps: {costs}.")
     lines.append(f"Adapter in {output_dir}; TensorBoard: {tensorboard}")
     return "\n".join(lines)

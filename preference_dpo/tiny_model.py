@@ -110,11 +110,11 @@ EXTRA_CORPUS = (
 # The embedded model's world. Without the instruction it answers with these shares (a flawed answer 90% of
 # the time, so that the instruction's effect is large and visible in greedy generations); with it, always
 # the good one. The kinds are the data set's `flaw` values. Steps and learning rate: the cheapest of the
-# settings tried that gets the facts right (instructed greedy answers to 40 held-out questions that were
-# exactly the good answer: 600 steps at 3e-3, 28%; 800 at 5e-3, 95%; 1000 at 3e-3, 98%).
+# settings tried that gets the facts right (instructed greedy answers to the 32 held-out questions that
+# were exactly the good answer: 500 steps at 5e-3, 38%; 800 at 5e-3, 78%; 600 at 1e-2, 47%; 800 at 1e-2, 94%).
 UNINSTRUCTED_ANSWERS = {"good": 0.1, "verbose": 0.3, "unhelpful": 0.2, "dishonest": 0.2, "harmful": 0.2}
 EMBEDDED_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2}
-PRETRAINING = {"steps": 800, "batch_size": 32, "learning_rate": 5e-3, "seed": 0}
+PRETRAINING = {"steps": 800, "batch_size": 32, "learning_rate": 1e-2, "seed": 0}
 BUILD_INFO = "embedded_model.json"  # written last: the build's recipe, its cost and the instruction's effect
 
 

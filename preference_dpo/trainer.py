@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -184,7 +183,6 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             config.eval_on_start = False  # our default evaluates before training; without a test set there is none
         super().__init__(*args, **kwargs)
         self._restore_lora_dropout()
-        self._fresh_reference_key_under_zero3()
         if self.args.align_loss in DISTILL_FORMS:  # the losses whose logits are computed from hidden states
             causal_lm = self._unwrapped(self.model)[1]
             check_lm_head(causal_lm, lm_head_of(causal_lm))
@@ -201,21 +199,6 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             self.train_dataset = precompute(self.train_dataset, "train")
             if self.eval_dataset is not None:
                 self.eval_dataset = precompute(self.eval_dataset, "eval")
-
-    def _fresh_reference_key_under_zero3(self) -> None:
-        """ZeRO-3 loads the weights partitioned, so TRL's hash of the state dict sees empty tensors: the same for
-        every model of this architecture, and a reference pass cached under it could belong to other weights.
-        A fresh key per run (rank 0's, shared by all ranks) means none is reused across runs."""
-        from accelerate.utils import broadcast_object_list
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        if not is_deepspeed_zero3_enabled():
-            return
-        nonce = [uuid.uuid4().hex]
-        broadcast_object_list(nonce, from_process=0)
-        self._precompute_model_hash = f"zero3-{nonce[0]}"
-        if self.accelerator.is_main_process:
-            logger.info("ZeRO-3: the reference pass is computed afresh, never reused from the cache.")
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         log_reference_pass(dataset, self._precompute_model_hash, name, self.accelerator.is_main_process)

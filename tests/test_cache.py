@@ -59,7 +59,7 @@ def builds(monkeypatch):
     return calls
 
 
-def views_of(tmp_path, data, tokenizer, cache_root, split="train", text=P, **overrides):
+def views_of(tmp_path, data, tokenizer, cache_root, split="train", text=P, models=None, **overrides):
     args = train_args(tmp_path, **overrides)
     settings = {
         "preference_text": text,
@@ -72,7 +72,7 @@ def views_of(tmp_path, data, tokenizer, cache_root, split="train", text=P, **ove
     cache = DatasetCache(cache_root, args.cache, tmp_path / "out" / ".tokenized")
     path = data.train_dataset_path if split == "train" else data.test_dataset_path
     raw = load_preference_dataset(path, name=split)
-    return tokenized_views(split, path, raw, data, tokenizer, settings, args, cache)
+    return tokenized_views(split, path, raw, data, tokenizer, settings, args, cache, models or {"policy": "m"})
 
 
 def test_tokenized_views_are_reused_unless_data_tokenizer_or_instruction_change(tmp_path, data, tokenizer, builds):
@@ -98,9 +98,12 @@ def test_tokenized_views_are_reused_unless_data_tokenizer_or_instruction_change(
     views_of(tmp_path, data, other_tokenizer, cache)
     assert builds == ["train"] * 4  # another tokenizer
 
+    views_of(tmp_path, data, tokenizer, cache, models={"policy": "another model"})
+    assert builds == ["train"] * 5  # another model: its reference columns will be stored with these tokens
+
     views_of(tmp_path, data, tokenizer, cache, cache=False)
     views_of(tmp_path, data, tokenizer, cache, cache=False)
-    assert builds == ["train"] * 6  # CACHE=false: always rebuilt
+    assert builds == ["train"] * 7  # CACHE=false: always rebuilt
     assert (tmp_path / "out" / ".tokenized" / "train").is_dir()  # in the run's own folder, not the cache
 
 
@@ -114,6 +117,16 @@ def perturbed_copy(model_dir, target):
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
     return target
+
+
+def test_model_digest_tells_models_apart_by_their_files(tmp_path, tiny_model_dir):
+    """Under ZeRO-3 TRL hashes already-sharded weights, alike for every model of one shape: the files decide."""
+    from preference_dpo.cache import model_digest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert model_digest(str(copy)) == model_digest(str(tiny_model_dir))  # same files, another folder
+    assert model_digest(str(perturbed_copy(tiny_model_dir, tmp_path / "other"))) != model_digest(str(copy))
 
 
 def test_reference_log_probs_are_reused_unless_the_model_changes(

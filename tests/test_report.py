@@ -54,13 +54,25 @@ def test_transfer_is_the_share_of_the_instructions_margin_effect():
     assert report.transfer_line({}, AFTER) is None
 
 
+def test_a_falling_logp_chosen_is_flagged_as_over_optimisation():
+    before, healthy, collapsed = (
+        {"eval_logps/chosen": -2.46},
+        {"eval_logps/chosen": -1.45},
+        {"eval_logps/chosen": -99.6},
+    )
+    assert report.overoptimisation_line(before, healthy) is None
+    assert report.overoptimisation_line(before, {"eval_logps/chosen": -3.9}) is None  # within 2 nats
+    line = report.overoptimisation_line(before, collapsed)
+    assert "fell from -2.46 to -99.60 nats" in line and "over-optimised" in line and "LEARNING_RATE" in line
+
+
 def test_report_shows_before_and_after_samples_and_costs():
     samples = report.SampleGenerations(
         [report.SamplePrompt("How do I boil an egg?", [1], [2])], tokenizer=None, max_new_tokens=8, tensorboard=None
     )
     samples.history = {0: [("No idea.", "Boil it.")], 40: [("Boil it 9 minutes.", "Boil it.")]}
     text = report.report(
-        "demo", AFTER, [BEFORE], samples, {"wall": 61.0, "training": 50.0}, 40, "out/demo", "tensorboard --logdir logs"
+        "demo", AFTER, [BEFORE], samples, {"wall": 61.0, "training": 50.0, "samples": 0.34}, 40, "out/demo", "tb"
     )
     lines = text.splitlines()
     row = next(line for line in lines if line.lstrip().startswith("pair accuracy, without the instruction"))
@@ -68,7 +80,7 @@ def test_report_shows_before_and_after_samples_and_costs():
     assert any("step 0, with the instruction:" in line and "Boil it." in line for line in lines)
     assert any("step 0, without the instruction: No idea." in line for line in lines)
     assert any("step 40, without the instruction: Boil it 9 minutes." in line for line in lines)
-    assert "Finished 40 steps: wall 61 s, training 50 s." in text
+    assert "Finished 40 steps: wall 61 s, training 50 s, samples 0.3 s." in text  # small costs keep a decimal
     assert "Adapter in out/demo" in text
     assert len(lines) < 30
 

@@ -61,7 +61,7 @@ def test_embedded_model_build_is_deterministic_recorded_and_rebuilt_when_its_rec
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     info = json.loads((first / tiny_model.BUILD_INFO).read_text())
-    assert info["pretraining"]["steps"] == 4 and info["held_out_pairs"] == 320
+    assert info["pretraining"]["steps"] == 4 and info["held_out_pairs"] == 128
     assert {"pair_accuracy_without_instruction", "pair_accuracy_with_instruction"} <= set(info)
     assert tiny_model.is_current(first, data)
 
