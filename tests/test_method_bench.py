@@ -125,3 +125,26 @@ def test_logp_change_is_measured_from_the_runs_own_base_model():
     baselines = {0: {"logp_chosen": -2.0}, 1: {"logp_chosen": -5.0}}
     assert report._value({"seed": 1, "logp_chosen": -4.0}, "dlogp_chosen", baselines) == pytest.approx(1.0)
     assert report._value({"seed": 0, "logp_chosen": -4.0}, "dlogp_chosen", baselines) == pytest.approx(-2.0)
+
+
+def test_quick_mode_trains_and_measures_one_replicate_end_to_end(tmp_path, monkeypatch):
+    """`python -m bench.method.run --quick` (the CI smoke test): pretrains one base model, trains plain DPO and
+    the candidate transfer form through the tool's entry point, and measures both; the committed results stay."""
+    import json
+
+    from bench.method import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    committed = run.RESULTS_JSON.read_bytes()
+    assert run.main(["--quick", "--work", str(tmp_path)]) == 0
+    assert run.RESULTS_JSON.read_bytes() == committed  # a partial run never replaces the committed results
+    results = json.loads((tmp_path / "results_partial.json").read_text())
+    (base,) = results["baselines"]
+    # the pretrained world: the instruction makes the polite ending likely, its absence leaves it a coin
+    assert base["polite_prob_guided"] > 0.9 and 0.2 < base["polite_prob"] < 0.8
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert set(runs) == set(run.QUICK_ARMS)
+    for row in runs.values():
+        assert row["param_change"] > 0 and row["margin"] > base["margin"] + 1  # trait one was learned
+    transfer = runs[run.CANDIDATE]
+    assert transfer["polite_prob"] > runs["dpo lr x1"]["polite_prob"]  # the guidance moved trait two beyond DPO

@@ -23,12 +23,16 @@ over); the pretrained base model is cached there too.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
+import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +58,7 @@ class Arm:
     lr_scale: float = 1.0
     distill_top_k: int | None = None
     distill_reduction: str = "token_mean"
+    learned_prompt: bool = False  # embedding mode with the soft prompt STAGE=ptune learned on the seed's pairs
 
     @property
     def is_dpo(self) -> bool:
@@ -61,26 +66,41 @@ class Arm:
 
 
 BASE_LR = 1e-3
-# SKETCH (issue 12 item 4), not run yet: the hinge forms have said what they can say (one ALPHA each); the
-# distillation forms get an ALPHA range wide enough to see where trait two transfers and where trait one or
-# the facts start to suffer; DPO's sweep reaches further up, so that large-ALPHA runs stay inside it.
+# The hinge forms have said what they can say (one ALPHA each, as the first round found them equal to DPO).
+# The distillation forms: `token_mean` (the KL averaged over response tokens) at two ALPHAs, `sequence_sum`
+# (summed over each response) over an ALPHA range and at larger learning rates: with AdamW a larger ALPHA
+# changes the direction of the step, not its size, so where the term already dominates the step only the
+# learning rate moves the model further, and a fixed teacher (the instructed reference) is what keeps a
+# larger step from running away. DPO's sweep reaches as far up, so every arm's step size stays inside it.
 DPO_LR_SCALES = (0.5, 1.0, 2.0, 4.0)
-DISTILL_ALPHAS = (1.0, 3.0, 10.0)
 TOP_K = 16
+SUM = "sequence_sum"
+# the form picked on seed 0 alone, before the 10-replicate run (the learned-prompt arm and --quick use it)
+CANDIDATE = f"ref_distill top{TOP_K} sum a=1 lr x2"
 ARMS = (
     *(Arm(f"dpo lr x{s:g}", lr_scale=s) for s in DPO_LR_SCALES),
     Arm("hinge a=1", align_loss="hinge", alpha=1.0),
     Arm("ref_hinge a=1", align_loss="ref_hinge", alpha=1.0),
-    *(Arm(f"distill a={a:g}", align_loss="distill", alpha=a) for a in DISTILL_ALPHAS),
-    *(Arm(f"ref_distill a={a:g}", align_loss="ref_distill", alpha=a) for a in (1.0, 10.0)),  # exact: checks top-K
+    Arm("distill a=1", align_loss="distill", alpha=1.0),
+    Arm("distill sum a=1 lr x2", align_loss="distill", alpha=1.0, distill_reduction=SUM, lr_scale=2.0),
     *(Arm(f"ref_distill top{TOP_K} a={a:g}", align_loss="ref_distill", alpha=a, distill_top_k=TOP_K)
-      for a in DISTILL_ALPHAS),
+      for a in (1.0, 10.0)),
+    *(Arm(f"ref_distill top{TOP_K} sum a={a:g}", align_loss="ref_distill", alpha=a, distill_top_k=TOP_K,
+          distill_reduction=SUM) for a in (0.3, 1.0)),
+    *(Arm(f"ref_distill top{TOP_K} sum a=1 lr x{s:g}", align_loss="ref_distill", alpha=1.0, distill_top_k=TOP_K,
+          distill_reduction=SUM, lr_scale=s) for s in (2.0, 4.0)),
+    # the exact teacher (a reference forward every step) beside its top-K twin: what the truncation changes
+    Arm("ref_distill exact sum a=1 lr x2", align_loss="ref_distill", alpha=1.0, distill_reduction=SUM, lr_scale=2.0),
+    # a soft prompt learned by STAGE=ptune in place of the text instruction, with the candidate form
+    Arm(f"{CANDIDATE} learned prompt", align_loss="ref_distill", alpha=1.0, distill_top_k=TOP_K,
+        distill_reduction=SUM, lr_scale=2.0, learned_prompt=True),
 )  # fmt: skip
+assert CANDIDATE in {arm.name for arm in ARMS}
 # Each seed is a full replicate: its own pretraining corpus and base model, training pairs, LoRA init and
 # data order. (Training seeds alone understate the spread: the base model moves the results more.)
 SEEDS = tuple(range(10))
-# --quick (a CI smoke test): one replicate, the baseline and the cheap transfer form; results under work/ only
-QUICK_ARMS = ("dpo lr x1", f"ref_distill top{TOP_K} a=1")
+# --quick (a CI smoke test): one replicate, plain DPO and the candidate form; results under --work only
+QUICK_ARMS = ("dpo lr x1", CANDIDATE)
 TRAINING = {  # the same for every arm
     "beta": 0.1,
     "per_device_train_batch_size": 16,
@@ -110,9 +130,57 @@ def write_data(folder: Path, seed: int) -> Path:
     return path
 
 
-def train_arm(arm: Arm, seed: int, base: Path, train_path: Path, output: Path) -> None:
-    from bench.method import world
+def _run_tool(settings: dict, what: str) -> None:
+    """The tool's own entry point, its console captured (shown only if it fails)."""
     from train_with_preference_prompt import main
+
+    argv = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+        status = main(argv)
+    _configure_logging()  # main() points the root logger at the captured stream
+    if status != 0:
+        raise RuntimeError(f"{what} failed ({status}): {captured.getvalue()[-2000:]}")
+
+
+def learn_prompt(seed: int, base: Path, train_path: Path, eval_path: Path, folder: Path) -> dict:
+    """STAGE=ptune on this seed's base model and training pairs (the tool's defaults: 16 virtual tokens
+    initialised from the instruction's token embeddings, the DPO objective); the held-out pairs are its test
+    set, so its summary holds the accuracy with the learned prompt, with the instruction and with neither."""
+    from bench.method import world
+
+    summary = folder / "prompt_embeddings.json"
+    if not summary.exists():
+        settings = {
+            **{k: v for k, v in TRAINING.items() if not k.startswith("lora_")},
+            "stage": "ptune",
+            "model_name_or_path": base,
+            "train_dataset_path": train_path,
+            "test_dataset_path": eval_path,
+            "preference_text": world.INSTRUCTION,
+            "ptune_output_dir": folder,
+            "output_dir": folder,
+            "log_dir": folder / "tensorboard",
+            "overwrite": "true",
+            "resume_from_checkpoint": "false",
+            "save_strategy": "no",
+            "seed": seed,
+            "max_length": 160,
+            "report_to": "none",
+            "disable_tqdm": "true",
+        }
+        _run_tool(settings, f"ptune seed {seed}")
+    return json.loads(summary.read_text())
+
+
+def write_eval_data(folder: Path, rows: list[dict]) -> Path:
+    path = folder / "eval.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def train_arm(arm: Arm, seed: int, base: Path, train_path: Path, output: Path, prompt: Path | None) -> None:
+    from bench.method import world
 
     settings = {
         **TRAINING,
@@ -124,6 +192,7 @@ def train_arm(arm: Arm, seed: int, base: Path, train_path: Path, output: Path) -
         "aligned_loss_weight": arm.alpha,
         **({"distill_top_k": arm.distill_top_k} if arm.distill_top_k else {}),
         **({"distill_reduction": arm.distill_reduction} if arm.align_loss in ("distill", "ref_distill") else {}),
+        **({"training_mode": "embedding", "prompt_embedding_path": prompt} if arm.learned_prompt else {}),
         "learning_rate": BASE_LR * arm.lr_scale,
         "seed": seed,
         "output_dir": output,
@@ -136,13 +205,7 @@ def train_arm(arm: Arm, seed: int, base: Path, train_path: Path, output: Path) -
         "report_to": "none",
         "disable_tqdm": "true",
     }
-    argv = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
-    captured = io.StringIO()
-    with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
-        status = main(argv)
-    _configure_logging()  # main() points the root logger at the captured stream
-    if status != 0:
-        raise RuntimeError(f"{arm.name} seed {seed} failed ({status}): {captured.getvalue()[-2000:]}")
+    _run_tool(settings, f"{arm.name} seed {seed}")
 
 
 def measure_run(base: Path, adapter: Path | None, pairs, questions) -> dict:
@@ -196,25 +259,101 @@ def fingerprint(*files: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def run_seed(seed: int, arm_names: list[str], work: Path, fresh: bool, done: set[str]) -> tuple[dict, list[dict]]:
+    """One replicate: pretrain (or reuse) the seed's base model, learn its soft prompt if an arm needs one,
+    measure the base model, then train and measure every arm not in `done`. Runs in a worker process."""
+    import torch
+
+    _configure_logging()
+    # One thread per process: the model is tiny (hidden 64), so a second thread mostly spins, and on a machine
+    # with any other load that spinning made pretraining 10x slower (one epoch in 350 s, against 27 s). The
+    # cores go to replicates running side by side instead (--jobs).
+    torch.set_num_threads(1)
+    from bench.method import pretrain, world
+
+    eval_pairs = world.preference_pairs(world.eval_questions(), PAIRS_PER_EVAL_QUESTION, seed=2)
+    eval_questions = world.eval_questions()
+    base_key, run_key = fingerprints()
+    arms = [a for a in ARMS if a.name in arm_names]
+    base = work / f"base_model_seed{seed}"
+    marker = base / "pretraining.json"
+    if fresh or not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != base_key:
+        logger.info("Seed %d: pretraining the base model on the synthetic world ...", seed)
+        pretrain.pretrain(base, seed=seed)
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": base_key}) + "\n")
+    data = work / f"data_seed{seed}"
+    train_path = write_data(data, seed)
+    baseline = measure_run(base, None, eval_pairs, eval_questions)
+    baseline["seed"] = seed
+    baseline["pretraining_seconds"] = json.loads(marker.read_text())["seconds"]
+    baseline["ref_target_by_politeness"] = ref_target_by_politeness(base, train_path)
+    prompt = None
+    if any(a.learned_prompt for a in arms):
+        folder = work / f"ptune_seed{seed}"
+        if fresh or json.loads(marker.read_text()).get("prompt_fingerprint") != run_key:
+            shutil.rmtree(folder, ignore_errors=True)  # a prompt learned on another base model or code
+        t0 = time.monotonic()
+        summary = learn_prompt(seed, base, train_path, write_eval_data(data, eval_pairs), folder)
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "prompt_fingerprint": run_key}) + "\n")
+        prompt = folder / "prompt_embeddings.pt"
+        baseline["learned_prompt"] = summary["held_out_comparison"]
+        baseline["ptune_seconds"] = summary.get("seconds", round(time.monotonic() - t0, 1))
+        accuracy = {name: round(row["accuracy"], 3) for name, row in summary["held_out_comparison"].items()}
+        logger.info("Seed %d: learned soft prompt; held-out pair accuracy %s", seed, accuracy)
+    logger.info(
+        "seed %d base model: margin %+.2f  polite_p %.3f (with the instruction %.3f)  greedy_polite %.2f",
+        seed, baseline["margin"], baseline["polite_prob"], baseline["polite_prob_guided"], baseline["greedy_polite"],
+    )  # fmt: skip
+    rows = []
+    for arm in arms:
+        if arm.name in done:
+            continue
+        t0 = time.monotonic()
+        output = work / "runs" / f"{arm.name.replace(' ', '_').replace('=', '')}-seed{seed}"
+        train_arm(arm, seed, base, train_path, output, prompt)
+        row = {"arm": arm.name, "seed": seed, **asdict(arm), **measure_run(base, output, eval_pairs, eval_questions)}
+        row["seconds"] = round(time.monotonic() - t0, 1)
+        row["fingerprint"] = run_key
+        with open(work / "runs.jsonl", "a") as f:  # one short line per write: safe beside the other workers
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        logger.info(
+            "%-15s seed %d  %5.1fs  step %.3f  margin %+.2f  concise %.2f  polite_p %.3f  greedy_polite %.2f  "
+            "dlogp_w %+.2f",
+            arm.name, seed, row["seconds"], row["param_change"], row["margin"], row["greedy_concise"],
+            row["polite_prob"], row["greedy_polite"], row["logp_chosen"] - baseline["logp_chosen"],
+        )  # fmt: skip
+    return baseline, rows
+
+
+def fingerprints() -> tuple[str, str]:
+    """The base models' key (the world and pretraining) and the runs' key (everything the runs depend on)."""
+    base = ("world.py", "encoding.py", "pretrain.py")
+    return fingerprint(*base), fingerprint(*base, "evaluate.py", "run.py")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fresh", action="store_true", help="Retrain the base model and every arm.")
     parser.add_argument("--arms", nargs="*", help="Only arms whose name starts with one of these (debugging).")
     parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     parser.add_argument("--quick", action="store_true", help="One replicate, two arms (a smoke test).")
+    parser.add_argument("--work", type=Path, default=WORK, help="Folder for base models, runs and partial results.")
+    parser.add_argument(
+        "--jobs", type=int, default=len(os.sched_getaffinity(0)),
+        help="Replicates trained side by side, one thread each (default: the usable CPU cores).",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    work = args.work
     if args.quick:
-        args.seeds, args.arms = [SEEDS[0]], list(QUICK_ARMS)
+        args.seeds = [SEEDS[0]]
     _configure_logging()
+    from bench.method import report
 
-    from bench.method import pretrain, report, world
-
-    eval_pairs = world.preference_pairs(world.eval_questions(), PAIRS_PER_EVAL_QUESTION, seed=2)
-    eval_questions = world.eval_questions()
-    base_key = fingerprint("world.py", "encoding.py", "pretrain.py")
-    run_key = fingerprint("world.py", "encoding.py", "pretrain.py", "evaluate.py", "run.py")
-
-    done_path = WORK / "runs.jsonl"
+    started = time.monotonic()
+    _, run_key = fingerprints()
+    work.mkdir(parents=True, exist_ok=True)
+    done_path = work / "runs.jsonl"
     done = {}
     if done_path.exists() and not args.fresh:
         for line in done_path.read_text().splitlines():
@@ -224,63 +363,43 @@ def main(argv: list[str] | None = None) -> int:
     elif done_path.exists():
         done_path.unlink()
 
+    if args.quick:
+        arms = [a for a in ARMS if a.name in QUICK_ARMS]
+    else:
+        arms = [a for a in ARMS if not args.arms or any(a.name == p or a.name.startswith(p + " ") for p in args.arms)]
+    names = [a.name for a in arms]
+    jobs = max(1, min(args.jobs, len(args.seeds)))
+    logger.info("%d replicates x %d arms, %d at a time", len(args.seeds), len(arms), jobs)
     baselines = {}
-    arms = [a for a in ARMS if not args.arms or any(a.name == p or a.name.startswith(p + " ") for p in args.arms)]
-    for seed in args.seeds:
-        base = WORK / f"base_model_seed{seed}"
-        marker = base / "pretraining.json"
-        if args.fresh or not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != base_key:
-            logger.info("Seed %d: pretraining the base model on the synthetic world ...", seed)
-            pretrain.pretrain(base, seed=seed)
-            marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": base_key}) + "\n")
-        train_path = write_data(WORK / "data", seed)
-        baseline = measure_run(base, None, eval_pairs, eval_questions)
-        baseline["seed"] = seed
-        baseline["pretraining_seconds"] = json.loads(marker.read_text())["seconds"]
-        baseline["ref_target_by_politeness"] = ref_target_by_politeness(base, train_path)
-        baselines[seed] = baseline
-        logger.info(
-            "seed %d base model: margin %+.2f  polite_p %.3f (with the instruction %.3f)  greedy_polite %.2f",
-            seed, baseline["margin"], baseline["polite_prob"], baseline["polite_prob_guided"], baseline["greedy_polite"],
-        )  # fmt: skip
-        for arm in arms:
-            if (arm.name, seed) in done:
-                continue
-            t0 = time.monotonic()
-            output = WORK / "runs" / f"{arm.name.replace(' ', '_').replace('=', '')}-seed{seed}"
-            train_arm(arm, seed, base, train_path, output)
-            row = {
-                "arm": arm.name,
-                "seed": seed,
-                **asdict(arm),
-                **measure_run(base, output, eval_pairs, eval_questions),
-            }
-            row["seconds"] = round(time.monotonic() - t0, 1)
-            row["fingerprint"] = run_key
-            done[(arm.name, seed)] = row
-            with open(done_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            logger.info(
-                "%-15s seed %d  %5.1fs  step %.3f  margin %+.2f  concise %.2f  polite_p %.3f  greedy_polite %.2f  "
-                "dlogp_w %+.2f",
-                arm.name, seed, row["seconds"], row["param_change"], row["margin"], row["greedy_concise"],
-                row["polite_prob"], row["greedy_polite"], row["logp_chosen"] - baseline["logp_chosen"],
-            )  # fmt: skip
+    # spawn: a fresh interpreter per worker (torch and fork do not mix)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [
+            pool.submit(run_seed, seed, names, work, args.fresh, {a for (a, s) in done if s == seed})
+            for seed in args.seeds
+        ]
+        for future in futures:
+            baseline, rows = future.result()
+            baselines[baseline["seed"]] = baseline
+            done.update({(row["arm"], row["seed"]): row for row in rows})
+    wall = time.monotonic() - started
 
     runs = [done[(a.name, s)] for a in ARMS for s in SEEDS if (a.name, s) in done]
-    complete = len(runs) == len(ARMS) * len(SEEDS)
+    complete = len(runs) == len(ARMS) * len(SEEDS) and set(baselines) == set(SEEDS)
     # a partial run (--arms, --seeds) never replaces the committed results
-    results = RESULTS_JSON if complete else WORK / "results_partial.json"
-    complete = complete and set(baselines) == set(SEEDS)
+    results = RESULTS_JSON if complete else work / "results_partial.json"
+    baselines = dict(sorted(baselines.items()))
     results.write_text(json.dumps({"baselines": list(baselines.values()), "runs": runs}, indent=1) + "\n")
     if complete:
-        command = "python -m bench.method.run"
-        # pretraining plus every run: the same on a rerun that reuses finished runs
-        seconds = sum(b["pretraining_seconds"] for b in baselines.values()) + sum(r["seconds"] for r in runs)
-        report.write(REPORT, PLOT, baselines, runs, ARMS, command, seconds, settings_text())
-        logger.info("Wrote %s and %s", REPORT, PLOT)
+        # pretraining plus every run, one process each: the same on a rerun that reuses finished runs
+        seconds = sum(b["pretraining_seconds"] + b.get("ptune_seconds", 0) for b in baselines.values())
+        seconds += sum(r["seconds"] for r in runs)
+        report.write(REPORT, PLOT, baselines, runs, ARMS, "python -m bench.method.run", seconds, settings_text(),
+                     wall_seconds=wall, jobs=jobs)  # fmt: skip
+        logger.info("Wrote %s and %s (%.1f min)", REPORT, PLOT, wall / 60)
     else:
-        logger.info("Partial run (%d of %d runs): %s only", len(runs), len(ARMS) * len(SEEDS), results)
+        logger.info("Partial run (%d of %d runs, %.1f min): %s only", len(runs), len(ARMS) * len(SEEDS), wall / 60,
+                    results)  # fmt: skip
     return 0
 
 
@@ -288,8 +407,7 @@ def settings_text() -> str:
     from bench.method import pretrain, world
 
     return (
-        f"Base LR {BASE_LR:g}; DPO LR scales {', '.join(f'{s:g}' for s in DPO_LR_SCALES)}; distill ALPHA "
-        f"{DISTILL_ALPHAS}; top-K {TOP_K}; "
+        f"Base LR {BASE_LR:g}; DPO LR scales {', '.join(f'{s:g}' for s in DPO_LR_SCALES)}; top-K {TOP_K}; "
         f"seeds {SEEDS}; " + ", ".join(f"{k}={v}" for k, v in TRAINING.items()) + f"; "
         f"{len(world.train_questions()) * PAIRS_PER_TRAIN_QUESTION} train pairs, "
         f"{len(world.eval_questions()) * PAIRS_PER_EVAL_QUESTION} held-out pairs on {len(world.eval_questions())} "
