@@ -31,7 +31,9 @@ PREFERENCE_TEXT="${PREFERENCE_TEXT:-Please provide a helpful, honest, harmless a
 #   e.g. PREFERENCE_TEXT="请提供一个有用、诚实、无害且简洁的回答。"
 PREFERENCE_POSITION="${PREFERENCE_POSITION:-system}"  # system | user (conversational prompts)
 PROMPT_EMBEDDING_PATH="${PROMPT_EMBEDDING_PATH:-}"    # embedding mode: /path/to/prompt_embeddings.pt
-ALIGN_LOSS="${ALIGN_LOSS:-hinge}"
+ALIGN_LOSS="${ALIGN_LOSS:-hinge}"         # hinge | ref_hinge | distill | ref_distill (README: "Which ALIGN_LOSS?")
+DISTILL_TOP_K="${DISTILL_TOP_K:-}"        # ref_distill: precompute the teacher's top K tokens (e.g. 16); empty: exact
+DISTILL_REDUCTION="${DISTILL_REDUCTION:-token_mean}"  # distill, ref_distill: token_mean | sequence_sum
 
 # Core training parameters
 BETA="${BETA:-0.05}"                      # DPO temperature (0.01-0.5; smaller = more conservative)
@@ -165,6 +167,7 @@ train_args=(
   --preference_text "$PREFERENCE_TEXT"
   --preference_position "$PREFERENCE_POSITION"
   --align_loss "$ALIGN_LOSS"
+  --distill_reduction "$DISTILL_REDUCTION"
   --beta "$BETA"
   --aligned_loss_weight "$ALPHA"
   --learning_rate "$LEARNING_RATE"
@@ -198,6 +201,7 @@ train_args=(
 )
 [[ -n "$REFERENCE_MODEL_PATH" ]] && train_args+=(--reference_model_path "$REFERENCE_MODEL_PATH")
 [[ -n "$PROMPT_EMBEDDING_PATH" ]] && train_args+=(--prompt_embedding_path "$PROMPT_EMBEDDING_PATH")
+[[ -n "$DISTILL_TOP_K" ]] && train_args+=(--distill_top_k "$DISTILL_TOP_K")
 train_args+=(  # the soft prompt's settings: read by the ptune stage, recorded by both
   --num_virtual_tokens "$NUM_VIRTUAL_TOKENS"
   --ptune_objective "$PTUNE_OBJECTIVE"

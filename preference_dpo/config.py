@@ -46,6 +46,8 @@ LAUNCHER_VARIABLES = {
     "PREFERENCE_POSITION": "preference_position",
     "PROMPT_EMBEDDING_PATH": "prompt_embedding_path",
     "ALIGN_LOSS": "align_loss",
+    "DISTILL_TOP_K": "distill_top_k",
+    "DISTILL_REDUCTION": "distill_reduction",
     "BETA": "beta",
     "ALPHA": "aligned_loss_weight",
     "LEARNING_RATE": "learning_rate",
