@@ -86,6 +86,9 @@ GUIDE = {
     "PER_DEVICE_BATCH_SIZE": "1",
 }
 SOFT_TOKENS = 16  # embedding mode: virtual tokens in the prompt-embedding file
+# per ALIGN_LOSS, the settings of its recommended form (README, "Which ALIGN_LOSS?"): ref_distill with the
+# teacher's top 16 tokens precomputed and the KL summed over each response, at ALPHA 1
+FORM_SETTINGS = {"ref_distill": {"DISTILL_TOP_K": "16", "DISTILL_REDUCTION": "sequence_sum", "ALPHA": "1"}}
 TEST_PAIRS = 1  # evaluation runs twice at the end (the trainer's, then the pipeline's): kept small
 # Appended to each user message so that the guided prompt nears MAX_PROMPT_LENGTH (about 27 tokens each).
 PROMPT_FILLER = " Some background: I have read the usual advice and want a practical answer."
@@ -350,7 +353,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=28, help="decoder layers (28: the real model)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
     parser.add_argument("--modes", default="text,embedding", help="TRAINING_MODE values, comma-separated")
-    parser.add_argument("--align_losses", default="hinge,distill", help="ALIGN_LOSS values, comma-separated")
+    parser.add_argument("--align_losses", default="hinge,ref_distill", help="ALIGN_LOSS values, comma-separated")
     parser.add_argument("--precision", default="auto", help="PRECISION for the runs: auto, bf16, fp16, fp32")
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="DEVICE for fast_train.sh")
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/real_shape"), help="model, data and runs")
@@ -391,7 +394,8 @@ def main(argv=None) -> int:
     for mode in args.modes.split(","):
         for align_loss in args.align_losses.split(","):
             name = f"{mode}_{align_loss}"
-            extra = {"TRAINING_MODE": mode, "ALIGN_LOSS": align_loss, "RUN_NAME": name}
+            extra = {"TRAINING_MODE": mode, "ALIGN_LOSS": align_loss, "RUN_NAME": name,
+                     **FORM_SETTINGS.get(align_loss, {})}  # fmt: skip
             if mode == "embedding":
                 extra["PROMPT_EMBEDDING_PATH"] = str(embedding)
             run = launch(name, work, {**env, **extra})

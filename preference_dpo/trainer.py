@@ -227,17 +227,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             DataLoader(dataset, batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size,
                        collate_fn=self.data_collator, shuffle=False, num_workers=self.args.dataloader_num_workers)
         )  # fmt: skip
-        policy = self.model
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            # Before `train` prepares the policy, DeepSpeed keeps its parameters on CPU (ZeRO-2) or sharded (ZeRO-3):
-            # run it through TRL's inference engine, built here when TRL's own precompute (off with
-            # --precompute_ref_log_probs false) has not built it.
-            if self._precompute_engine is None:
-                from trl.models import prepare_deepspeed
-
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            policy = self._precompute_engine
-        model, adapter_off = self._reference(policy)
+        model, adapter_off = self._reference(self._precompute_policy())
         chosen, rejected = [], []
         was_training = self.model.training
         self.model.eval()
@@ -253,6 +243,20 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             REFERENCE_GUIDED_COLUMNS[0]: torch.cat(chosen).tolist(),
             REFERENCE_GUIDED_COLUMNS[1]: torch.cat(rejected).tolist(),
         }
+
+    def _precompute_policy(self):
+        """The policy to run a pass before training through (its adapter off, it is the reference).
+
+        Before `train` prepares the policy, DeepSpeed keeps its parameters on CPU (ZeRO-2) or sharded (ZeRO-3):
+        such passes go through TRL's inference engine, built here when TRL's own precompute (off with
+        --precompute_ref_log_probs false) has not built it."""
+        if self.ref_model is not None or not self.is_deepspeed_enabled:
+            return self.model
+        if self._precompute_engine is None:
+            from trl.models import prepare_deepspeed
+
+            self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+        return self._precompute_engine
 
     def _restore_lora_dropout(self) -> None:
         """Give the trained adapter's LoRA dropout back the rate LORA_DROPOUT set.
@@ -293,7 +297,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
         from .teacher import TEACHER_DIR, precompute_columns, split_rows, store_key
 
-        policy = getattr(self, "_precompute_engine", None) or self.model
+        policy = self._precompute_policy()
         model_hash = getattr(self, "_precompute_model_hash", None) or hash_module(self.ref_model or self.model)
         key = [store_key(dataset, self.args.distill_top_k, model_hash, self.prompt_embedding)]
         broadcast_object_list(key, from_process=0)  # one store for all ranks
