@@ -37,7 +37,7 @@ DISTILL_REDUCTION="${DISTILL_REDUCTION:-token_mean}"  # distill, ref_distill: to
 
 # Core training parameters
 BETA="${BETA:-0.05}"                      # DPO temperature (0.01-0.5; smaller = more conservative)
-ALPHA="${ALPHA:-0.1}"                     # aligned-loss weight (0.05-0.2; 0 = plain DPO)
+ALPHA="${ALPHA:-0.1}"                     # aligned-loss weight (hinge: 0.05-0.2; ref_distill with sequence_sum: 1; 0 = plain DPO)
 LEARNING_RATE="${LEARNING_RATE:-5e-4}"    # 1e-5 to 1e-3
 NUM_EPOCHS="${NUM_EPOCHS:-1}"             # 1-3 is usually enough
 MAX_STEPS="${MAX_STEPS:--1}"              # > 0 overrides NUM_EPOCHS
