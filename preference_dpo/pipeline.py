@@ -200,7 +200,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     # then find the same folder state instead of racing it.
     with train_args.main_process_first(desc="checking the output folder"):
         if train_args.overwrite:
-            clear_previous_run(train_args.output_dir)
+            clear_previous_run(train_args.output_dir, train_args.log_dir)
             resume_from = None
         else:
             resume_from = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)

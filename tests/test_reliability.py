@@ -133,6 +133,28 @@ def test_finished_run_is_not_clobbered(common, capsys, no_weights, tmp_path):
     assert (out / "adapter_model.safetensors").read_text() == "precious"
 
 
+def test_overwrite_removes_the_replaced_runs_tensorboard_events(common, capsys, tmp_path):
+    """OVERWRITE removes the old run's event files with its checkpoints: TensorBoard shows every file of a folder
+    as one run, so the old and the new run's points would interleave on every chart. The ptune stage's file
+    (the same LOG_DIR) and the launcher's logs stay."""
+    from preference_dpo.metrics import PTUNE_EVENTS_SUFFIX
+
+    argv = [*common, "--max_steps", "1", "--save_steps", "1", "--num_sample_prompts", "0"]
+    assert run_main(argv, capsys)[0] == 0
+    logs = tmp_path / "logs"
+    (old,) = [p.name for p in logs.glob("events.out.tfevents.*")]
+    kept = [logs / f"events.out.tfevents.1.host.1.0{PTUNE_EVENTS_SUFFIX}", logs / "runs" / "train_1.log"]
+    kept[1].parent.mkdir()
+    for path in kept:
+        path.write_text("kept")
+    code, _, log = run_main([*argv, "--overwrite", "true"], capsys, full_log=True)
+    assert code == 0
+    assert "OVERWRITE: replacing the previous run" in log
+    assert f"OVERWRITE: removed the previous run's TensorBoard event file(s) from {logs}: {old}" in log
+    assert not (logs / old).exists() and all(path.read_text() == "kept" for path in kept)
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 2  # the new run's and the ptune stage's
+
+
 # --- resume -----------------------------------------------------------------------------------------------
 
 
