@@ -204,6 +204,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
             resume_from = None
         else:
             resume_from = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    if resume_from is not None:  # the run evaluated before training when it started: that result is in its history
+        train_args.eval_on_start = False
 
     # --- weights ---
     dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32

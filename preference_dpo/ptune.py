@@ -446,6 +446,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
             resume_from = None
         else:
             resume_from = resolve_resume(args.resume_from_checkpoint, str(output_dir))
+    if resume_from is not None:  # evaluated before training when the stage started (its history has it)
+        args.eval_on_start = False
 
     # --- weights: frozen, with TRL's fused LM head scoring the responses as in the DPO stage ---
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,6 +154,32 @@ def test_overwrite_removes_the_replaced_runs_tensorboard_events(common, capsys, 
     assert f"OVERWRITE: removed the previous run's TensorBoard event file(s) from {logs}: {old}" in log
     assert not (logs / old).exists() and all(path.read_text() == "kept" for path in kept)
     assert len(list(logs.glob("events.out.tfevents.*"))) == 2  # the new run's and the ptune stage's
+
+
+def test_a_resumed_run_does_not_evaluate_before_training_again(common, capsys, tmp_path, monkeypatch):
+    """The evaluation before training runs when a run starts; a resumed run has its result in the history (the
+    report's `before` column) and goes straight on training."""
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    argv = [*common, "--max_steps", "2", "--save_steps", "1", "--eval_strategy", "steps", "--eval_steps", "1000",
+            "--num_sample_prompts", "0"]  # fmt: skip
+    assert run_main(argv, capsys)[0] == 0
+    out = tmp_path / "out"
+    (out / RUN_CONFIG_NAME).unlink()  # as if killed after step 1: unfinished, checkpoint-1 the newest complete one
+    shutil.rmtree(out / "checkpoint-2")
+    evaluated = []
+    original = PreferenceGuidedDPOTrainer.evaluate
+
+    def counting(self, *args, **kwargs):
+        evaluated.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "evaluate", counting)
+    code, _, log = run_main(argv, capsys, full_log=True)
+    assert code == 0 and f"Resuming from {out / 'checkpoint-1'}" in log
+    assert evaluated == [2]  # the final evaluation only, none at the resume step
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [0, 2]
 
 
 # --- resume -----------------------------------------------------------------------------------------------
