@@ -302,6 +302,13 @@ def first_evaluation(log_history: list[dict]) -> dict[str, float] | None:
     return None
 
 
+def rewards_all_zero(entry: dict) -> bool:
+    """Whether every pair's DPO reward margin is exactly 0, as before training, when the policy is the reference
+    (LoRA starts at zero): no pair won (reward accuracy 0) and a mean margin of 0 leave no other case. Its reward
+    accuracy of 0 then says nothing about the model."""
+    return entry.get("eval_rewards/accuracies") == 0 and entry.get("eval_rewards/margins") == 0
+
+
 def transfer_line(before: dict, after: dict) -> str | None:
     """How much of the instruction's effect on the held-out margin the un-instructed model now shows."""
     keys = ("eval_margin_base", "eval_margin_guided")
@@ -353,13 +360,18 @@ def report(
     before = first_evaluation(log_history)
     if final_metrics:
         lines.append(f"  {'held-out pairs':<46}  {'before':>8}  {'after':>8}")
+        tied = before is not None and rewards_all_zero(before)
         for label, key, fmt in REPORT_ROWS:
             after_value = final_metrics.get(f"eval_{key}")
             if after_value is None:
                 continue
             before_value = before.get(f"eval_{key}") if before else None
             shown = fmt.format(before_value) if before_value is not None else "-"
+            if key == "rewards/accuracies" and tied:
+                shown = "n/a"
             lines.append(f"  {label:<46}  {shown:>8}  {fmt.format(after_value):>8}")
+        if tied:
+            lines.append("  (n/a: all rewards 0 before training, the policy being the reference: no pair can be won)")
         for line in (transfer_line(before or {}, final_metrics), overoptimisation_line(before or {}, final_metrics)):
             if line:
                 lines.append(line)
