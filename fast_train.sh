@@ -292,7 +292,8 @@ received=""
 on_signal() {
   if [[ -z "$received" ]]; then
     received="$1"
-    echo "fast_train.sh: $1: the trainer saves a checkpoint and stops (a second signal kills it at once)." |
+    echo "fast_train.sh: $1: passed on to the training processes as SIGTERM; they save a checkpoint and stop" \
+      "(a second signal kills them at once)." |
       tee -a "$log_file" >&2 || true
     [[ -z "$job_pgid" ]] || kill -TERM -- "-$job_pgid" 2>/dev/null || true
   else

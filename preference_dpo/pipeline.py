@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import signal
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -256,13 +255,15 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         logger.info("Training: %s", throughput.summary(train_args, trainer.state, time.monotonic() - train_started))
     if stopper.stop_signal is not None:  # every rank takes this branch: the decision was collective
         tensorboard.close()
-        step, name = trainer.state.global_step, signal.Signals(stopper.stop_signal).name
+        step = trainer.state.global_step
         saved = (
             f"checkpoint-{step} in {train_args.output_dir} is complete. Rerun the same command to resume."
             if step
             else "no step had finished, nothing was saved. Rerun the same command to start again."
         )
-        raise TrainingInterrupted(stopper.stop_signal, f"Stopped by signal at step {step} ({name}); {saved}")
+        # No signal name: fast_train.sh passes a Ctrl-C on as SIGTERM (and says so), so this process's signal
+        # need not be the one the user sent.
+        raise TrainingInterrupted(stopper.stop_signal, f"Stopped by signal at step {step}; {saved}")
     if stopper.received is not None:
         logger.warning("The signal came after the last training step: finishing the run (final outputs).")
     if trainer.nonfinite_batches_skipped:

@@ -360,12 +360,33 @@ def test_a_signal_stops_at_the_next_micro_batch(common, capsys, monkeypatch, tmp
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
     assert (out / "checkpoint-1" / COMPLETE_MARKER).exists()
-    assert "interrupted: Stopped by signal at step 1 (SIGTERM)" in log
+    # no signal name: through fast_train.sh a Ctrl-C arrives as SIGTERM, and the launcher's own line names what it got
+    assert f"interrupted: Stopped by signal at step 1; checkpoint-1 in {tmp_path / 'out'} is complete." in log
 
     monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", original)
     code, _, log = run_main(argv, capsys, full_log=True)
     assert code == 0 and f"Resuming from {out / 'checkpoint-1'}" in log
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_signal_during_the_final_evaluation_finishes_the_run(common, capsys, tmp_path, monkeypatch):
+    """The last step's evaluation runs inside training, where the stop handler still records the signal: no step
+    is left to stop at, so the run writes its outputs and exits 0 (as the README says)."""
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    original = PreferenceGuidedDPOTrainer.evaluate
+
+    def signalled(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "evaluate", signalled)
+    argv = [*common, "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1000",
+            "--num_sample_prompts", "0"]  # fmt: skip
+    code, _, log = run_main(argv, capsys, full_log=True)
+    assert code == 0 and "The signal came after the last training step: finishing the run" in log
+    assert (tmp_path / "out" / RUN_CONFIG_NAME).is_file()
 
 
 def test_data_file_untouched_by_failed_run(common, capsys, tmp_path):
@@ -471,7 +492,8 @@ def test_launcher_passes_a_signal_on_once(tmp_path, to_group, sig):
         assert proc.wait(timeout=30) == 128 + sig
         assert record.read_text().splitlines()[1:] == ["SIGTERM"]
         log = next((logs / "runs").glob("train_*.log")).read_text()
-        assert "stand-in trainer: saving" in log and f"fast_train.sh: {signal.Signals(sig).name}:" in log
+        assert "stand-in trainer: saving" in log
+        assert f"fast_train.sh: {signal.Signals(sig).name}: passed on to the training processes as SIGTERM" in log
     finally:
         kill_session(proc.pid)
 
