@@ -552,3 +552,45 @@ def test_ctrl_c_in_a_terminal_reaches_the_trainer_once(tmp_path):
     assert status == 128 + signal.SIGINT, output.decode(errors="replace")
     assert record.read_text().splitlines()[1:] == ["SIGTERM"]
     assert b"fast_train.sh: SIGINT:" in output
+
+
+LOG_STAND_IN = """#!/usr/bin/env python3
+import os, sys
+if sys.argv[1:3] == ["-m", "preference_dpo.tiny_model"]:
+    print("stand-in build: pretraining the embedded model", file=sys.stderr)
+    sys.exit(0)
+print("error: stand-in trainer: refused", file=sys.stderr)
+sys.exit(int(os.environ["STAND_IN_EXIT"]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("embedded", "exit_code", "log_kept"),
+    [(True, 2, True), (False, 2, False), (False, 1, True)],
+    ids=["build_then_refused", "refused", "failed"],
+)
+def test_launcher_log_holds_the_model_build_and_a_refused_run_leaves_none(tmp_path, embedded, exit_code, log_kept):
+    """The embedded model's build is in the run's log file (announced before it starts); a run refused before any
+    work (exit 2: bad input, e.g. a finished run without OVERWRITE) leaves no log file of its own."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(LOG_STAND_IN)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "DEVICE": "cpu", "LOG_DIR": str(tmp_path / "logs"),
+           "OUTPUT_DIR": str(tmp_path / "out"), "STAND_IN_EXIT": str(exit_code)}  # fmt: skip
+    env.pop("POLICY_MODEL_PATH", None)
+    if not embedded:
+        env["POLICY_MODEL_PATH"] = str(tmp_path)
+    result = subprocess.run(["bash", str(REPO / "fast_train.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == exit_code
+    console = result.stdout  # in order
+    assert console.index("fast_train.sh: logging to") < console.index("no GPU in use")
+    if embedded:  # announced before the build, whose output is in the log file
+        assert console.index("fast_train.sh: logging to") < console.index("stand-in build")
+    logs = list((tmp_path / "logs" / "runs").glob("train_*.log"))
+    assert len(logs) == int(log_kept), console
+    if log_kept:
+        assert "error: stand-in trainer: refused" in logs[0].read_text()
+        assert ("stand-in build: pretraining the embedded model" in logs[0].read_text()) == embedded
+    else:
+        assert "nothing ran" in console
