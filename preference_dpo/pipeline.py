@@ -244,6 +244,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         callbacks=[samples, throughput, tensorboard, stopper],
         prompt_embedding=prompt_embedding,
     )
+    report.use_one_progress_bar(trainer)
     train_started = time.monotonic()
     timing = {"setup (tokenizing, loading, reference pass)": train_started - started}
     try:

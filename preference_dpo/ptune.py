@@ -391,6 +391,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
 
     from .data import load_train_and_test
     from .metrics import PTUNE_EVENTS_SUFFIX, TensorBoardMetricsCallback, ptune_tensorboard_tag
+    from .report import use_one_progress_bar
     from .views import PreferenceViewsCollator, tokenize_preference_dataset
 
     started = time.monotonic()
@@ -492,6 +493,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         objective=args.ptune_objective,
         beta=args.beta,
     )
+    use_one_progress_bar(trainer)
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from .metrics import SAMPLES_TAG
 
@@ -56,6 +57,43 @@ def log_settings(data_args, model_args, train_args) -> None:
             default=str,
         ),
     )
+
+
+# --- the progress bar ------------------------------------------------------------------------------
+
+
+class OneProgressBar(ProgressCallback):
+    """transformers' progress bar, with an evaluation during training counted on the training bar ("eval 3/8")
+    instead of on a second bar below it.
+
+    The second bar is drawn by moving the cursor (a newline, then `ESC[A` back up) at every refresh: where the
+    output is not a terminal (the launcher's log file, a pipe, CI) each refresh leaves a blank line and an
+    `[A` fragment. An evaluation outside training (no training bar) keeps transformers' own bar.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._evaluated = 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.training_bar is None:
+            return super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+        if state.is_world_process_zero and eval_dataloader is not None:
+            self._evaluated += 1
+            self.training_bar.set_postfix_str(f"eval {self._evaluated}/{len(eval_dataloader)}")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.training_bar is not None and self._evaluated:
+            self.training_bar.set_postfix_str("")
+        self._evaluated = 0
+        return super().on_evaluate(args, state, control, **kwargs)
+
+
+def use_one_progress_bar(trainer) -> None:
+    """Put `OneProgressBar` where the trainer has transformers' `ProgressCallback` (same place: callbacks run in
+    order, and the throughput figures are added to the logs after the bar prints them)."""
+    handler = trainer.callback_handler
+    handler.callbacks = [OneProgressBar() if type(c) is ProgressCallback else c for c in handler.callbacks]
 
 
 # --- the summary -----------------------------------------------------------------------------------

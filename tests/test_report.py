@@ -159,3 +159,30 @@ def test_num_sample_prompts_is_bounded(model_dir):
 
     with pytest.raises(UserInputError, match=r"NUM_SAMPLE_PROMPTS \(--num_sample_prompts\) must be between 0 and 32"):
         parse_args([*model_dir, "--num_sample_prompts", "33"])
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_an_evaluation_during_training_counts_on_the_training_bar(capsys, ours):
+    """transformers draws the evaluation's bar below the training bar by moving the cursor (ESC[A), which leaves a
+    blank line and an `[A` fragment per refresh in a log file or pipe; ours counts it on the training bar."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+    from transformers.trainer_callback import CallbackHandler, ProgressCallback
+
+    handler = CallbackHandler([ProgressCallback], None, None, None, None)
+    if ours:
+        report.use_one_progress_bar(SimpleNamespace(callback_handler=handler))
+    (bar,) = handler.callbacks
+    assert type(bar) is (report.OneProgressBar if ours else ProgressCallback)
+    args, state, control = SimpleNamespace(), TrainerState(max_steps=4), TrainerControl()
+    bar.on_train_begin(args, state, control)
+    for _ in range(3):
+        bar.on_prediction_step(args, state, control, eval_dataloader=[1, 2, 3])
+    bar.on_evaluate(args, state, control)
+    state.global_step = 4
+    bar.on_step_end(args, state, control)
+    bar.on_train_end(args, state, control)
+    err = capsys.readouterr().err
+    assert ("\x1b[A" in err) != ours
+    assert ("eval 3/3" in err) == ours
