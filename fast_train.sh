@@ -134,6 +134,9 @@ case "$DEVICE" in
   gpu | cpu) ;;
   *) die "DEVICE='$DEVICE' must be auto, gpu or cpu." ;;
 esac
+# On CPU, DeepSpeed (imported by transformers in every Python process here) would look for an accelerator and warn
+# "Setting accelerator to CPU" when it finds none; told, it says nothing.
+[[ "$DEVICE" != cpu ]] || export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 
 # Stages: each is one command, the same launcher form with --stage. STAGE=all skips a prompt already learned
 # (its prompt_embeddings.json, written last, exists), so that rerunning after a kill in DPO resumes there.

@@ -559,6 +559,7 @@ import os, sys
 if sys.argv[1:3] == ["-m", "preference_dpo.tiny_model"]:
     print("stand-in build: pretraining the embedded model", file=sys.stderr)
     sys.exit(0)
+print("stand-in trainer: DS_ACCELERATOR=" + os.environ.get("DS_ACCELERATOR", "unset"), file=sys.stderr)
 print("error: stand-in trainer: refused", file=sys.stderr)
 sys.exit(int(os.environ["STAND_IN_EXIT"]))
 """
@@ -571,13 +572,15 @@ sys.exit(int(os.environ["STAND_IN_EXIT"]))
 )
 def test_launcher_log_holds_the_model_build_and_a_refused_run_leaves_none(tmp_path, embedded, exit_code, log_kept):
     """The embedded model's build is in the run's log file (announced before it starts); a run refused before any
-    work (exit 2: bad input, e.g. a finished run without OVERWRITE) leaves no log file of its own."""
+    work (exit 2: bad input, e.g. a finished run without OVERWRITE) leaves no log file of its own. On CPU the
+    launcher tells DeepSpeed so (DS_ACCELERATOR), which then does not warn that it found no accelerator."""
     fake = tmp_path / "fake_python"
     fake.write_text(LOG_STAND_IN)
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "DEVICE": "cpu", "LOG_DIR": str(tmp_path / "logs"),
            "OUTPUT_DIR": str(tmp_path / "out"), "STAND_IN_EXIT": str(exit_code)}  # fmt: skip
     env.pop("POLICY_MODEL_PATH", None)
+    env.pop("DS_ACCELERATOR", None)
     if not embedded:
         env["POLICY_MODEL_PATH"] = str(tmp_path)
     result = subprocess.run(["bash", str(REPO / "fast_train.sh")], env=env, stdout=subprocess.PIPE,
@@ -585,6 +588,7 @@ def test_launcher_log_holds_the_model_build_and_a_refused_run_leaves_none(tmp_pa
     assert result.returncode == exit_code
     console = result.stdout  # in order
     assert console.index("fast_train.sh: logging to") < console.index("no GPU in use")
+    assert "stand-in trainer: DS_ACCELERATOR=cpu" in console  # DeepSpeed told: no "Setting accelerator to CPU"
     if embedded:  # announced before the build, whose output is in the log file
         assert console.index("fast_train.sh: logging to") < console.index("stand-in build")
     logs = list((tmp_path / "logs" / "runs").glob("train_*.log"))
