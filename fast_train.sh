@@ -136,6 +136,9 @@ case "$DEVICE" in
   gpu | cpu) ;;
   *) die "DEVICE='$DEVICE' must be auto, gpu or cpu." ;;
 esac
+# On CPU, DeepSpeed (imported by transformers in every Python process here) would look for an accelerator and warn
+# "Setting accelerator to CPU" when it finds none; told, it says nothing.
+[[ "$DEVICE" != cpu ]] || export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 
 # Stages: each is one command, the same launcher form with --stage. STAGE=all skips a prompt already learned
 # (its prompt_embeddings.json, written last, exists), so that rerunning after a kill in DPO resumes there.
@@ -156,7 +159,7 @@ case "$STAGE" in
   *) die "STAGE='$STAGE' must be dpo, ptune or all." ;;
 esac
 
-# Everything this script prints goes to this file too; the trainer adds the full settings to it.
+# The embedded model's build and the training's output go to this file too; the trainer adds the full settings.
 log_file="$LOG_DIR/runs/train_$(date +%Y%m%d_%H%M%S).log"
 train_args=(
   --model_name_or_path "$POLICY_MODEL_PATH"
@@ -276,14 +279,17 @@ if [[ "$DRY_RUN" == 1 ]]; then
   exit 0
 fi
 
+mkdir -p "$LOG_DIR/runs"
+echo "fast_train.sh: logging to $log_file" >&2
 if [[ "$DEVICE" == cpu ]]; then
   echo "fast_train.sh: no GPU in use: training on CPU in $CPU_RANKS process(es) (GPU_NODES is ignored)." >&2
 fi
 
 embedded_model="$SCRIPT_DIR/tiny_model"
 if [[ "$POLICY_MODEL_PATH" == "$embedded_model" ]]; then
-  # Builds (about a minute) when missing or built by an older recipe; otherwise returns at once.
-  (cd "$SCRIPT_DIR" && "$PYTHON" -m preference_dpo.tiny_model --output_dir "$embedded_model" --if_needed)
+  # Builds (about a minute) when missing or built by an older recipe; otherwise returns at once, printing nothing.
+  (cd "$SCRIPT_DIR" && "$PYTHON" -m preference_dpo.tiny_model --output_dir "$embedded_model" --if_needed) 2>&1 |
+    (trap '' INT TERM; tee -a "$log_file")
 fi
 
 # Signals go through this script. The training job (the command and its `tee`) runs in a process group of its own
@@ -296,7 +302,8 @@ received=""
 on_signal() {
   if [[ -z "$received" ]]; then
     received="$1"
-    echo "fast_train.sh: $1: the trainer saves a checkpoint and stops (a second signal kills it at once)." |
+    echo "fast_train.sh: $1: passed on to the training processes as SIGTERM; they save a checkpoint and stop" \
+      "(a second signal kills them at once)." |
       tee -a "$log_file" >&2 || true
     [[ -z "$job_pgid" ]] || kill -TERM -- "-$job_pgid" 2>/dev/null || true
   else
@@ -325,8 +332,15 @@ run_job() {
   return "$status"
 }
 
-mkdir -p "$LOG_DIR/runs"
-echo "fast_train.sh: logging to $log_file" >&2
-for stage in "${stages[@]}"; do  # a failed or interrupted stage stops the script (set -e): none runs after it
-  run_job --stage "$stage" "${user_args[@]}"
+for stage in "${stages[@]}"; do  # a failed or interrupted stage stops the script: none runs after it
+  status=0
+  [[ -s "$log_file" ]] && keep_log="yes" || keep_log=""  # it holds a model build or an earlier stage
+  run_job --stage "$stage" "${user_args[@]}" || status=$?
+  if [[ "$status" -eq 2 && -z "$keep_log" && -z "$received" ]]; then
+    # Refused before any work (bad input, e.g. a finished run without OVERWRITE): the error is on the console,
+    # and a log of a run that never started would be clutter in LOG_DIR/runs.
+    rm -f -- "$log_file"
+    echo "fast_train.sh: nothing ran; $log_file removed." >&2
+  fi
+  [[ "$status" -eq 0 ]] || exit "$status"
 done

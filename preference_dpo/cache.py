@@ -4,11 +4,12 @@ A user tuning BETA, ALPHA, the learning rate or the number of steps reruns the s
 same reference model, and the tokenization and the reference pass (a large part of an epoch on real
 data) come out the same. This module owns what they are keyed on, and nothing else decides reuse:
 
-- tokenized views, `tokenized_key`: the content of the data files, every data setting, the tokenizer
-  (its saved files), the tokenization settings (instruction text and position, number of soft tokens,
-  length limits), the split, this package's source and the versions of the libraries involved, and the
-  models' files and precision (`model_digest`: the tokens do not depend on them, but the reference
-  columns stored beside the tokens do, see below);
+- tokenized views, `tokenized_key`: the content of the split's data file (not its path or name: a copy
+  elsewhere reuses the entry, and the test split's entry does not depend on the train file), every other
+  data setting, the tokenizer (its saved files), the tokenization settings (instruction text and
+  position, number of soft tokens, length limits), the split, this package's source and the versions of
+  the libraries involved, and the models' files and precision (`model_digest`: the tokens do not depend
+  on them, but the reference columns stored beside the tokens do, see below);
 - columns precomputed on a tokenized data set, `reference_fingerprint`: that data set's key plus a hash
   of the in-memory weights of the model that computes them (the reference: the policy with its adapter
   disabled, or `REFERENCE_MODEL_PATH`'s model) and whatever else the caller names (the soft prompt's
@@ -50,12 +51,16 @@ META_NAME = "preference_dpo_meta.json"
 
 
 def digest_path(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, or of every file under a folder (relative names included)."""
+    """SHA-256 of a file's bytes and type (its suffix), or of every file under a folder (relative names included).
+
+    Where the file or folder is, and a single file's name, are not in it: a copy elsewhere has the same digest.
+    """
     path = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        # in a folder the names pick the split; a single file's suffix picks its reader (.jsonl, .json, .parquet)
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.suffix).encode())
         with open(file, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
@@ -98,15 +103,21 @@ def make_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+# Where the data files are is not what they hold, which "data" keys: without their paths in the key, a copy of a
+# file elsewhere reuses its entries, and the test split's entry does not change with TRAIN_DATASET_PATH.
+DATA_PATH_FIELDS = ("train_dataset_path", "test_dataset_path")
+
+
 def tokenized_key(split: str, data_path: str, data_args, tokenizer, settings: dict[str, Any], models: dict) -> str:
     """The key of one split's tokenized views (see the module docstring for what it covers); `models` names
     the policy and reference models (`model_digest`) and the precision."""
+    data_settings = {k: v for k, v in dataclasses.asdict(data_args).items() if k not in DATA_PATH_FIELDS}
     return make_key(
         {
             "format": FORMAT,
             "split": split,
             "data": digest_path(data_path),
-            "data_args": dataclasses.asdict(data_args),
+            "data_args": data_settings,
             "tokenizer": tokenizer_digest(tokenizer),
             "settings": settings,
             "models": models,

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from .config import describe
 from .errors import UserInputError
+from .metrics import remove_stage_event_files
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,9 @@ def check_output_dir(output_dir: str, overwrite: bool) -> list[str]:
     return []
 
 
-def clear_previous_run(output_dir: str) -> None:
-    """OVERWRITE: drop the old run's completion marker and checkpoints, so none of it is resumed or kept."""
+def clear_previous_run(output_dir: str, log_dir: str | None = None) -> None:
+    """OVERWRITE: drop the old run's completion marker and checkpoints, so none of it is resumed or kept, and
+    its TensorBoard event files in `log_dir` (the DPO stage's; the ptune stage's are that stage's to replace)."""
     folder = Path(output_dir)
     replaced = []
     if is_finished_run(folder):
@@ -82,6 +84,11 @@ def clear_previous_run(output_dir: str) -> None:
         replaced.append(f"{len(found)} checkpoint(s)")
     if replaced:  # an empty or new folder has nothing to replace: no warning
         logger.warning("OVERWRITE: replacing the previous run in %s (%s)", folder, " and ".join(replaced))
+    removed = remove_stage_event_files(log_dir) if log_dir else []
+    if removed:
+        logger.warning(
+            "OVERWRITE: removed the previous run's TensorBoard event file(s) from %s: %s", log_dir, ", ".join(removed)
+        )
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:

@@ -340,6 +340,8 @@ class PreferenceDPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        import torch
+
         if self.output_dir is None:
             self.output_dir = os.path.join("model_output", self.run_name or DEFAULT_RUN_NAME)
         if self.ptune_output_dir is None:
@@ -350,11 +352,13 @@ class PreferenceDPOConfig(DPOConfig):
         if self.precision in PRECISIONS and _precision_problem(self.precision, self.use_cpu) is None:
             self.bf16, self.fp16 = _resolve_precision(self.precision)
             if self.bf16 and not self.use_cpu:
-                import torch
-
                 # transformers refuses bf16 without a GPU unless told that the run is on CPU, which it then is
                 # anyway; torch runs bf16 (autocast and bf16 weights) on CPU.
                 self.use_cpu = not torch.accelerator.is_available()
+        if not torch.accelerator.is_available():
+            # Pinned memory is for copies to an accelerator: without one it does nothing, and torch warns about it
+            # for every DataLoader (transformers turns it off for use_cpu only).
+            self.dataloader_pin_memory = False
         super().__post_init__()
 
 

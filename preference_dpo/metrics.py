@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -65,6 +66,10 @@ GUIDED_KEYS = (
 )
 
 SAMPLES_TAG = "samples/greedy"  # TensorBoard text: the sample generations at each evaluation
+EVENTS_PREFIX = "events.out.tfevents."  # SummaryWriter's file names; TensorBoard reads any name with "tfevents"
+# The ptune stage writes into the DPO stage's LOG_DIR; its files end in this, so that OVERWRITE of one stage
+# removes that stage's files and leaves the other's (STAGE=all with OVERWRITE: ptune's new file, then DPO).
+PTUNE_EVENTS_SUFFIX = ".ptune"
 
 
 def _tags(*keys: str, eval_only: bool = False) -> list[str]:
@@ -135,14 +140,37 @@ def ptune_tensorboard_tag(key: str) -> str:
     return PTUNE_METRIC_TAGS[key][0] if key in PTUNE_METRIC_TAGS else f"ptune/{key}"
 
 
+def stage_event_files(log_dir: str | os.PathLike, ptune: bool = False) -> list[Path]:
+    """The TensorBoard event files one stage wrote directly in `log_dir`: the ptune stage's (`ptune`), or the
+    DPO stage's (every other one). Subfolders (the launcher's `runs/`) are not looked into."""
+    folder = Path(log_dir)
+    if not folder.is_dir():
+        return []
+    found = (p for p in folder.iterdir() if p.name.startswith(EVENTS_PREFIX) and p.is_file())
+    return sorted(p for p in found if p.name.endswith(PTUNE_EVENTS_SUFFIX) == ptune)
+
+
+def remove_stage_event_files(log_dir: str | os.PathLike, ptune: bool = False) -> list[str]:
+    """OVERWRITE: delete the replaced run's event files of one stage (`stage_event_files`); return their names.
+
+    A new run writes a new file beside the old ones, and TensorBoard shows every file of a folder as one run:
+    the two runs' points would interleave on every chart.
+    """
+    removed = stage_event_files(log_dir, ptune)
+    for path in removed:
+        path.unlink()
+    return [path.name for path in removed]
+
+
 class TensorBoardMetricsCallback(TrainerCallback):
     """Writes every logged scalar to one events file directly in `log_dir`, on the main process only,
     with the custom-scalars layout (`story_layout`) as the run's first page."""
 
-    def __init__(self, log_dir: str, tag=tensorboard_tag, layout: dict | None = None):
+    def __init__(self, log_dir: str, tag=tensorboard_tag, layout: dict | None = None, filename_suffix: str = ""):
         self.log_dir = log_dir
         self.tag = tag  # log key -> tag: `tensorboard_tag`, or `ptune_tensorboard_tag` for the ptune stage
         self.layout = story_layout() if layout is None else layout
+        self.filename_suffix = filename_suffix  # PTUNE_EVENTS_SUFFIX for the ptune stage
         self._writer = None
 
     def _get_writer(self):
@@ -150,7 +178,7 @@ class TensorBoardMetricsCallback(TrainerCallback):
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(self.log_dir, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=self.log_dir)
+            self._writer = SummaryWriter(log_dir=self.log_dir, filename_suffix=self.filename_suffix)
             self._writer.add_custom_scalars(self.layout)
         return self._writer
 

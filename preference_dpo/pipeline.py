@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import signal
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -200,10 +199,12 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     # then find the same folder state instead of racing it.
     with train_args.main_process_first(desc="checking the output folder"):
         if train_args.overwrite:
-            clear_previous_run(train_args.output_dir)
+            clear_previous_run(train_args.output_dir, train_args.log_dir)
             resume_from = None
         else:
             resume_from = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    if resume_from is not None:  # the run evaluated before training when it started: that result is in its history
+        train_args.eval_on_start = False
 
     # --- weights ---
     dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32
@@ -243,6 +244,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         callbacks=[samples, throughput, tensorboard, stopper],
         prompt_embedding=prompt_embedding,
     )
+    report.use_one_progress_bar(trainer)
     train_started = time.monotonic()
     timing = {"setup (tokenizing, loading, reference pass)": train_started - started}
     try:
@@ -254,13 +256,15 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         logger.info("Training: %s", throughput.summary(train_args, trainer.state, time.monotonic() - train_started))
     if stopper.stop_signal is not None:  # every rank takes this branch: the decision was collective
         tensorboard.close()
-        step, name = trainer.state.global_step, signal.Signals(stopper.stop_signal).name
+        step = trainer.state.global_step
         saved = (
             f"checkpoint-{step} in {train_args.output_dir} is complete. Rerun the same command to resume."
             if step
             else "no step had finished, nothing was saved. Rerun the same command to start again."
         )
-        raise TrainingInterrupted(stopper.stop_signal, f"Stopped by signal at step {step} ({name}); {saved}")
+        # No signal name: fast_train.sh passes a Ctrl-C on as SIGTERM (and says so), so this process's signal
+        # need not be the one the user sent.
+        raise TrainingInterrupted(stopper.stop_signal, f"Stopped by signal at step {step}; {saved}")
     if stopper.received is not None:
         logger.warning("The signal came after the last training step: finishing the run (final outputs).")
     if trainer.nonfinite_batches_skipped:

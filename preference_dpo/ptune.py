@@ -244,12 +244,22 @@ def check_prompt_output_dir(folder: str, overwrite: bool) -> None:
         )
 
 
-def clear_previous_prompt(folder: Path) -> None:
-    """OVERWRITE: drop the old prompt (its completion marker first) and its checkpoints."""
+def clear_previous_prompt(folder: Path, log_dir: str | None = None) -> None:
+    """OVERWRITE: drop the old prompt (its completion marker first), its checkpoints, and this stage's TensorBoard
+    event files in `log_dir` (the DPO stage's, in the same folder, are kept)."""
+    from .metrics import remove_stage_event_files
+
     for name in (SUMMARY_FILE, EMBEDDING_FILE, SAFETENSORS_FILE):
         (folder / name).unlink(missing_ok=True)
     for _, path in checkpoints(folder):
         shutil.rmtree(path)
+    removed = remove_stage_event_files(log_dir, ptune=True) if log_dir else []
+    if removed:
+        logger.warning(
+            "OVERWRITE: removed the previous ptune stage's TensorBoard event file(s) from %s: %s",
+            log_dir,
+            ", ".join(removed),
+        )
 
 
 def save_prompt(trainer: SoftPromptTrainer, output_dir: Path, summary: dict) -> torch.Tensor:
@@ -380,7 +390,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
     from .data import load_train_and_test
-    from .metrics import TensorBoardMetricsCallback, ptune_tensorboard_tag
+    from .metrics import PTUNE_EVENTS_SUFFIX, TensorBoardMetricsCallback, ptune_tensorboard_tag
+    from .report import use_one_progress_bar
     from .views import PreferenceViewsCollator, tokenize_preference_dataset
 
     started = time.monotonic()
@@ -432,10 +443,12 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     with args.main_process_first(desc="checking the output folder"):
         if args.overwrite:
             if args.process_index == 0:
-                clear_previous_prompt(output_dir)
+                clear_previous_prompt(output_dir, args.log_dir)
             resume_from = None
         else:
             resume_from = resolve_resume(args.resume_from_checkpoint, str(output_dir))
+    if resume_from is not None:  # evaluated before training when the stage started (its history has it)
+        args.eval_on_start = False
 
     # --- weights: frozen, with TRL's fused LM head scoring the responses as in the DPO stage ---
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -466,7 +479,9 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
             guided_forward="full",
         )
 
-    tensorboard = TensorBoardMetricsCallback(args.log_dir, tag=ptune_tensorboard_tag)
+    tensorboard = TensorBoardMetricsCallback(
+        args.log_dir, tag=ptune_tensorboard_tag, filename_suffix=PTUNE_EVENTS_SUFFIX
+    )
     stopper = StopOnSignal()
     trainer = SoftPromptTrainer(
         model=soft_model,
@@ -478,6 +493,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         objective=args.ptune_objective,
         beta=args.beta,
     )
+    use_one_progress_bar(trainer)
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from .metrics import SAMPLES_TAG
 
@@ -56,6 +57,43 @@ def log_settings(data_args, model_args, train_args) -> None:
             default=str,
         ),
     )
+
+
+# --- the progress bar ------------------------------------------------------------------------------
+
+
+class OneProgressBar(ProgressCallback):
+    """transformers' progress bar, with an evaluation during training counted on the training bar ("eval 3/8")
+    instead of on a second bar below it.
+
+    The second bar is drawn by moving the cursor (a newline, then `ESC[A` back up) at every refresh: where the
+    output is not a terminal (the launcher's log file, a pipe, CI) each refresh leaves a blank line and an
+    `[A` fragment. An evaluation outside training (no training bar) keeps transformers' own bar.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._evaluated = 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.training_bar is None:
+            return super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+        if state.is_world_process_zero and eval_dataloader is not None:
+            self._evaluated += 1
+            self.training_bar.set_postfix_str(f"eval {self._evaluated}/{len(eval_dataloader)}")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.training_bar is not None and self._evaluated:
+            self.training_bar.set_postfix_str("")
+        self._evaluated = 0
+        return super().on_evaluate(args, state, control, **kwargs)
+
+
+def use_one_progress_bar(trainer) -> None:
+    """Put `OneProgressBar` where the trainer has transformers' `ProgressCallback` (same place: callbacks run in
+    order, and the throughput figures are added to the logs after the bar prints them)."""
+    handler = trainer.callback_handler
+    handler.callbacks = [OneProgressBar() if type(c) is ProgressCallback else c for c in handler.callbacks]
 
 
 # --- the summary -----------------------------------------------------------------------------------
@@ -302,6 +340,13 @@ def first_evaluation(log_history: list[dict]) -> dict[str, float] | None:
     return None
 
 
+def rewards_all_zero(entry: dict) -> bool:
+    """Whether every pair's DPO reward margin is exactly 0, as before training, when the policy is the reference
+    (LoRA starts at zero): no pair won (reward accuracy 0) and a mean margin of 0 leave no other case. Its reward
+    accuracy of 0 then says nothing about the model."""
+    return entry.get("eval_rewards/accuracies") == 0 and entry.get("eval_rewards/margins") == 0
+
+
 def transfer_line(before: dict, after: dict) -> str | None:
     """How much of the instruction's effect on the held-out margin the un-instructed model now shows."""
     keys = ("eval_margin_base", "eval_margin_guided")
@@ -353,13 +398,18 @@ def report(
     before = first_evaluation(log_history)
     if final_metrics:
         lines.append(f"  {'held-out pairs':<46}  {'before':>8}  {'after':>8}")
+        tied = before is not None and rewards_all_zero(before)
         for label, key, fmt in REPORT_ROWS:
             after_value = final_metrics.get(f"eval_{key}")
             if after_value is None:
                 continue
             before_value = before.get(f"eval_{key}") if before else None
             shown = fmt.format(before_value) if before_value is not None else "-"
+            if key == "rewards/accuracies" and tied:
+                shown = "n/a"
             lines.append(f"  {label:<46}  {shown:>8}  {fmt.format(after_value):>8}")
+        if tied:
+            lines.append("  (n/a: all rewards 0 before training, the policy being the reference: no pair can be won)")
         for line in (transfer_line(before or {}, final_metrics), overoptimisation_line(before or {}, final_metrics)):
             if line:
                 lines.append(line)

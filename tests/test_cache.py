@@ -107,6 +107,33 @@ def test_tokenized_views_are_reused_unless_data_tokenizer_or_instruction_change(
     assert (tmp_path / "out" / ".tokenized" / "train").is_dir()  # in the run's own folder, not the cache
 
 
+def test_entries_are_keyed_on_file_content_not_paths(tmp_path, data, tokenizer, builds):
+    """The key holds a data file's content, not where it is: a copy elsewhere (another name too) reuses the entry,
+    an edited train file at a new path leaves the test split's entry in use, and changed content is rebuilt."""
+    cache = tmp_path / "cache"
+    views_of(tmp_path, data, tokenizer, cache)
+    views_of(tmp_path, data, tokenizer, cache, split="test")
+    assert builds == ["train", "test"]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copy = shutil.copy(data.train_dataset_path, elsewhere / "my_pairs.jsonl")
+    moved = DataArguments(train_dataset_path=str(copy), test_dataset_path=data.test_dataset_path)
+    views_of(tmp_path, moved, tokenizer, cache)
+    assert builds == ["train", "test"]  # the same content at another path: reused
+
+    rows = [json.loads(line) for line in open(data.train_dataset_path, encoding="utf-8")]
+    rows[0]["chosen"][-1]["content"] += " Really."
+    edited = DataArguments(
+        train_dataset_path=str(write_jsonl(elsewhere / "train_v2.jsonl", rows)),
+        test_dataset_path=data.test_dataset_path,
+    )
+    views_of(tmp_path, edited, tokenizer, cache, split="test")
+    assert builds == ["train", "test"]  # only the train file changed: the test split's entry is still good
+    views_of(tmp_path, edited, tokenizer, cache)
+    assert builds == ["train", "test", "train"]  # the changed file itself is rebuilt
+
+
 def perturbed_copy(model_dir, target):
     """The tiny model with one weight changed: another reference model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

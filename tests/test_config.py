@@ -103,6 +103,16 @@ def test_defaults_resolve_outputs_from_run_name_and_fp32_on_cpu(model_dir):
     assert train.precompute_ref_log_probs
 
 
+def test_no_pinned_memory_without_an_accelerator(model_dir):
+    """Pinning does nothing without an accelerator, and torch warns about it for every DataLoader."""
+    import torch
+
+    if torch.accelerator.is_available():
+        pytest.skip("an accelerator is present: pinned memory stays on")
+    _, _, train = parse_args(model_dir)
+    assert train.dataloader_pin_memory is False
+
+
 def launcher_command(env: dict) -> list[str]:
     out = subprocess.run(
         ["bash", str(LAUNCHER)], env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True, text=True, check=True

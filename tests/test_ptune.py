@@ -248,6 +248,32 @@ def test_overwrite_clears_the_old_prompt_marker_first(tmp_path):
     check_prompt_output_dir(str(tmp_path), overwrite=False)  # nothing left to protect
 
 
+def test_overwrite_removes_each_stages_own_tensorboard_events(tmp_path, caplog):
+    """Both stages log into one LOG_DIR: OVERWRITE of the ptune stage removes its event files, the DPO stage's
+    OVERWRITE the DPO stage's, so STAGE=all with OVERWRITE keeps the prompt just learned's curves."""
+    import logging
+
+    from preference_dpo.checkpoints import clear_previous_run
+    from preference_dpo.metrics import PTUNE_EVENTS_SUFFIX, TensorBoardMetricsCallback
+    from preference_dpo.ptune import clear_previous_prompt
+
+    logs = tmp_path / "logs"
+    writer = TensorBoardMetricsCallback(str(logs), filename_suffix=PTUNE_EVENTS_SUFFIX)
+    writer.add_text("t", "x", 0)  # the ptune stage's writer: its file is told apart by its name
+    writer.close()
+    (ptune,) = logs.iterdir()
+    assert ptune.name.startswith("events.out.tfevents.") and ptune.name.endswith(PTUNE_EVENTS_SUFFIX)
+    dpo = logs / "events.out.tfevents.1.host.1.0"
+    dpo.write_text("old DPO run")
+    with caplog.at_level(logging.WARNING):
+        clear_previous_prompt(tmp_path / "prompt", str(logs))
+    assert dpo.exists() and not ptune.exists()
+    assert f"removed the previous ptune stage's TensorBoard event file(s) from {logs}: {ptune.name}" in caplog.text
+    ptune.write_text("the prompt just learned")
+    clear_previous_run(str(tmp_path / "out"), str(logs))
+    assert ptune.exists() and not dpo.exists()
+
+
 # --- resume after a kill ------------------------------------------------------------------------------------------
 
 

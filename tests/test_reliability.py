@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,54 @@ def test_finished_run_is_not_clobbered(common, capsys, no_weights, tmp_path):
     code, errors = run_main(common, capsys)
     assert code == 2 and "already holds a finished run" in errors[0] and "OVERWRITE (--overwrite)" in errors[0]
     assert (out / "adapter_model.safetensors").read_text() == "precious"
+
+
+def test_overwrite_removes_the_replaced_runs_tensorboard_events(common, capsys, tmp_path):
+    """OVERWRITE removes the old run's event files with its checkpoints: TensorBoard shows every file of a folder
+    as one run, so the old and the new run's points would interleave on every chart. The ptune stage's file
+    (the same LOG_DIR) and the launcher's logs stay."""
+    from preference_dpo.metrics import PTUNE_EVENTS_SUFFIX
+
+    argv = [*common, "--max_steps", "1", "--save_steps", "1", "--num_sample_prompts", "0"]
+    assert run_main(argv, capsys)[0] == 0
+    logs = tmp_path / "logs"
+    (old,) = [p.name for p in logs.glob("events.out.tfevents.*")]
+    kept = [logs / f"events.out.tfevents.1.host.1.0{PTUNE_EVENTS_SUFFIX}", logs / "runs" / "train_1.log"]
+    kept[1].parent.mkdir()
+    for path in kept:
+        path.write_text("kept")
+    code, _, log = run_main([*argv, "--overwrite", "true"], capsys, full_log=True)
+    assert code == 0
+    assert "OVERWRITE: replacing the previous run" in log
+    assert f"OVERWRITE: removed the previous run's TensorBoard event file(s) from {logs}: {old}" in log
+    assert not (logs / old).exists() and all(path.read_text() == "kept" for path in kept)
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 2  # the new run's and the ptune stage's
+
+
+def test_a_resumed_run_does_not_evaluate_before_training_again(common, capsys, tmp_path, monkeypatch):
+    """The evaluation before training runs when a run starts; a resumed run has its result in the history (the
+    report's `before` column) and goes straight on training."""
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    argv = [*common, "--max_steps", "2", "--save_steps", "1", "--eval_strategy", "steps", "--eval_steps", "1000",
+            "--num_sample_prompts", "0"]  # fmt: skip
+    assert run_main(argv, capsys)[0] == 0
+    out = tmp_path / "out"
+    (out / RUN_CONFIG_NAME).unlink()  # as if killed after step 1: unfinished, checkpoint-1 the newest complete one
+    shutil.rmtree(out / "checkpoint-2")
+    evaluated = []
+    original = PreferenceGuidedDPOTrainer.evaluate
+
+    def counting(self, *args, **kwargs):
+        evaluated.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "evaluate", counting)
+    code, _, log = run_main(argv, capsys, full_log=True)
+    assert code == 0 and f"Resuming from {out / 'checkpoint-1'}" in log
+    assert evaluated == [2]  # the final evaluation only, none at the resume step
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [0, 2]
 
 
 # --- resume -----------------------------------------------------------------------------------------------
@@ -311,12 +360,33 @@ def test_a_signal_stops_at_the_next_micro_batch(common, capsys, monkeypatch, tmp
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
     assert (out / "checkpoint-1" / COMPLETE_MARKER).exists()
-    assert "interrupted: Stopped by signal at step 1 (SIGTERM)" in log
+    # no signal name: through fast_train.sh a Ctrl-C arrives as SIGTERM, and the launcher's own line names what it got
+    assert f"interrupted: Stopped by signal at step 1; checkpoint-1 in {tmp_path / 'out'} is complete." in log
 
     monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", original)
     code, _, log = run_main(argv, capsys, full_log=True)
     assert code == 0 and f"Resuming from {out / 'checkpoint-1'}" in log
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_signal_during_the_final_evaluation_finishes_the_run(common, capsys, tmp_path, monkeypatch):
+    """The last step's evaluation runs inside training, where the stop handler still records the signal: no step
+    is left to stop at, so the run writes its outputs and exits 0 (as the README says)."""
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    original = PreferenceGuidedDPOTrainer.evaluate
+
+    def signalled(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "evaluate", signalled)
+    argv = [*common, "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1000",
+            "--num_sample_prompts", "0"]  # fmt: skip
+    code, _, log = run_main(argv, capsys, full_log=True)
+    assert code == 0 and "The signal came after the last training step: finishing the run" in log
+    assert (tmp_path / "out" / RUN_CONFIG_NAME).is_file()
 
 
 def test_data_file_untouched_by_failed_run(common, capsys, tmp_path):
@@ -422,7 +492,8 @@ def test_launcher_passes_a_signal_on_once(tmp_path, to_group, sig):
         assert proc.wait(timeout=30) == 128 + sig
         assert record.read_text().splitlines()[1:] == ["SIGTERM"]
         log = next((logs / "runs").glob("train_*.log")).read_text()
-        assert "stand-in trainer: saving" in log and f"fast_train.sh: {signal.Signals(sig).name}:" in log
+        assert "stand-in trainer: saving" in log
+        assert f"fast_train.sh: {signal.Signals(sig).name}: passed on to the training processes as SIGTERM" in log
     finally:
         kill_session(proc.pid)
 
@@ -481,3 +552,49 @@ def test_ctrl_c_in_a_terminal_reaches_the_trainer_once(tmp_path):
     assert status == 128 + signal.SIGINT, output.decode(errors="replace")
     assert record.read_text().splitlines()[1:] == ["SIGTERM"]
     assert b"fast_train.sh: SIGINT:" in output
+
+
+LOG_STAND_IN = """#!/usr/bin/env python3
+import os, sys
+if sys.argv[1:3] == ["-m", "preference_dpo.tiny_model"]:
+    print("stand-in build: pretraining the embedded model", file=sys.stderr)
+    sys.exit(0)
+print("stand-in trainer: DS_ACCELERATOR=" + os.environ.get("DS_ACCELERATOR", "unset"), file=sys.stderr)
+print("error: stand-in trainer: refused", file=sys.stderr)
+sys.exit(int(os.environ["STAND_IN_EXIT"]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("embedded", "exit_code", "log_kept"),
+    [(True, 2, True), (False, 2, False), (False, 1, True)],
+    ids=["build_then_refused", "refused", "failed"],
+)
+def test_launcher_log_holds_the_model_build_and_a_refused_run_leaves_none(tmp_path, embedded, exit_code, log_kept):
+    """The embedded model's build is in the run's log file (announced before it starts); a run refused before any
+    work (exit 2: bad input, e.g. a finished run without OVERWRITE) leaves no log file of its own. On CPU the
+    launcher tells DeepSpeed so (DS_ACCELERATOR), which then does not warn that it found no accelerator."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(LOG_STAND_IN)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "DEVICE": "cpu", "LOG_DIR": str(tmp_path / "logs"),
+           "OUTPUT_DIR": str(tmp_path / "out"), "STAND_IN_EXIT": str(exit_code)}  # fmt: skip
+    env.pop("POLICY_MODEL_PATH", None)
+    env.pop("DS_ACCELERATOR", None)
+    if not embedded:
+        env["POLICY_MODEL_PATH"] = str(tmp_path)
+    result = subprocess.run(["bash", str(REPO / "fast_train.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == exit_code
+    console = result.stdout  # in order
+    assert console.index("fast_train.sh: logging to") < console.index("no GPU in use")
+    assert "stand-in trainer: DS_ACCELERATOR=cpu" in console  # DeepSpeed told: no "Setting accelerator to CPU"
+    if embedded:  # announced before the build, whose output is in the log file
+        assert console.index("fast_train.sh: logging to") < console.index("stand-in build")
+    logs = list((tmp_path / "logs" / "runs").glob("train_*.log"))
+    assert len(logs) == int(log_kept), console
+    if log_kept:
+        assert "error: stand-in trainer: refused" in logs[0].read_text()
+        assert ("stand-in build: pretraining the embedded model" in logs[0].read_text()) == embedded
+    else:
+        assert "nothing ran" in console

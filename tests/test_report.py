@@ -28,6 +28,7 @@ BEFORE = {
     "eval_margin_guided": 8.0,
     "eval_pref_advantage_ratio": 22026.0,
     "eval_rewards/accuracies": 0.0,
+    "eval_rewards/margins": 0.0,  # before training the policy is the reference: every reward is 0
 }
 AFTER = {
     "eval_loss": 0.2,
@@ -37,6 +38,7 @@ AFTER = {
     "eval_margin_guided": 9.0,
     "eval_pref_advantage_ratio": 403.4,
     "eval_rewards/accuracies": 0.95,
+    "eval_rewards/margins": 0.4,
 }
 
 
@@ -83,6 +85,21 @@ def test_report_shows_before_and_after_samples_and_costs():
     assert "Finished 40 steps: wall 61 s, training 50 s, samples 0.3 s." in text  # small costs keep a decimal
     assert "Adapter in out/demo" in text
     assert len(lines) < 30
+
+
+def test_reward_accuracy_before_training_is_not_shown_as_zero():
+    """Before training every DPO reward is 0, so no pair is won: 0.000 would read as a result. Shown as n/a, and only
+    when every margin is 0 (no pair won and a mean margin of 0); the reward margin itself is a true 0."""
+    text = report.report("demo", AFTER, [BEFORE], None, {"wall": 1.0}, 4, "out", "tb")
+    row = next(line for line in text.splitlines() if "reward accuracy (DPO" in line)
+    assert row.split()[-2:] == ["n/a", "0.950"]
+    assert "all rewards 0 before training" in text
+    margin = next(line for line in text.splitlines() if "reward margin (DPO)" in line)
+    assert margin.split()[-2:] == ["0.000", "0.400"]
+    other_reference = {**BEFORE, "eval_rewards/margins": -0.1}  # REFERENCE_MODEL_PATH another model: a true 0
+    text = report.report("demo", AFTER, [other_reference], None, {"wall": 1.0}, 4, "out", "tb")
+    row = next(line for line in text.splitlines() if "reward accuracy (DPO" in line)
+    assert row.split()[-2:] == ["0.000", "0.950"] and "n/a" not in text
 
 
 def test_summary_is_short_and_says_where_to_look(model_dir):
@@ -142,3 +159,30 @@ def test_num_sample_prompts_is_bounded(model_dir):
 
     with pytest.raises(UserInputError, match=r"NUM_SAMPLE_PROMPTS \(--num_sample_prompts\) must be between 0 and 32"):
         parse_args([*model_dir, "--num_sample_prompts", "33"])
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_an_evaluation_during_training_counts_on_the_training_bar(capsys, ours):
+    """transformers draws the evaluation's bar below the training bar by moving the cursor (ESC[A), which leaves a
+    blank line and an `[A` fragment per refresh in a log file or pipe; ours counts it on the training bar."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+    from transformers.trainer_callback import CallbackHandler, ProgressCallback
+
+    handler = CallbackHandler([ProgressCallback], None, None, None, None)
+    if ours:
+        report.use_one_progress_bar(SimpleNamespace(callback_handler=handler))
+    (bar,) = handler.callbacks
+    assert type(bar) is (report.OneProgressBar if ours else ProgressCallback)
+    args, state, control = SimpleNamespace(), TrainerState(max_steps=4), TrainerControl()
+    bar.on_train_begin(args, state, control)
+    for _ in range(3):
+        bar.on_prediction_step(args, state, control, eval_dataloader=[1, 2, 3])
+    bar.on_evaluate(args, state, control)
+    state.global_step = 4
+    bar.on_step_end(args, state, control)
+    bar.on_train_end(args, state, control)
+    err = capsys.readouterr().err
+    assert ("\x1b[A" in err) != ours
+    assert ("eval 3/3" in err) == ours
