@@ -147,19 +147,6 @@ class LMHead:
             z = self.final_logit_softcapping * torch.tanh(z / self.final_logit_softcapping)
         return z
 
-    def logits_at(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """`logits(hidden)` at `ids` only ([rows, m] from [rows, hidden] and [rows, m]): m dot products per row
-        instead of a projection onto the whole vocabulary."""
-        z = torch.einsum("nh,nmh->nm", hidden, self.weight[ids])
-        if self.bias is not None:
-            z = z + self.bias[ids]
-        z = z.float()
-        if self.logit_scale != 1.0:
-            z = z * self.logit_scale
-        if self.final_logit_softcapping is not None:
-            z = self.final_logit_softcapping * torch.tanh(z / self.final_logit_softcapping)
-        return z
-
 
 # The smallest probability mass the top-K bucket takes: log(1e-30). It keeps log q_R and log s_R finite when
 # the K ids hold (nearly) all the mass, K = |V| included, where the bucket term is then 1e-30 * 0 = 0.
@@ -200,30 +187,6 @@ def topk_token_kl(
     q_top, q_rest = teacher_logps.detach().float(), teacher_log_rest.detach().float()
     top = (q_top.exp() * (q_top - student.gather(-1, ids))).sum(dim=-1)
     return top + q_rest.exp() * (q_rest - log_rest_mass(student, ids))
-
-
-def topk_token_kl_from_label(
-    student_logits_at: torch.Tensor,
-    label_logps: torch.Tensor,
-    teacher_logps: torch.Tensor,
-    teacher_log_rest: torch.Tensor,
-) -> torch.Tensor:
-    """`topk_token_kl` without the student's logits over the vocabulary.
-
-    `student_logits_at` ([rows, K + 1]) holds the student's logits at the teacher's K ids and, last, at the
-    row's own next token, whose log-prob `label_logps` ([rows]) the DPO forward already computed (TRL's fused
-    LM head, with gradient). Its normaliser follows: `logsumexp(z) = z_label - log s_label`, so
-    `log s_v = z_v - z_label + log s_label` for the K ids, and `s_R = 1 - sum_S s_v` (as `-expm1`, no
-    cancellation). The same value and gradient as `topk_token_kl` up to float rounding (the vocabulary's
-    softmax gradient reaches the student through `label_logps`), at the cost of K + 1 dot products per row.
-    """
-    z_top, z_label = student_logits_at[:, :-1].float(), student_logits_at[:, -1].float()
-    student_top = z_top - (z_label - label_logps.float()).unsqueeze(-1)
-    rest = (-torch.expm1(student_top.logsumexp(dim=-1))).clamp_min(0.0)
-    log_student_rest = torch.log(rest + math.exp(LOG_MASS_FLOOR))
-    q_top, q_rest = teacher_logps.detach().float(), teacher_log_rest.detach().float()
-    top = (q_top.exp() * (q_top - student_top)).sum(dim=-1)
-    return top + q_rest.exp() * (q_rest - log_student_rest)
 
 
 DISTILL_REDUCTIONS = ("token_mean", "sequence_sum")

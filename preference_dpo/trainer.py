@@ -41,7 +41,7 @@ from .losses import (
     reduce_token_kl,
     token_kl,
     topk_teacher,
-    topk_token_kl_from_label,
+    topk_token_kl,
     uses_reference_target,
 )
 from .teacher import TEACHER_COLUMNS
@@ -500,9 +500,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             else:
                 target = guided_chosen - guided_rejected
             if distill:
-                aligned = self._distill_loss(
-                    base, guided, backbone_outputs[0], causal_lm, teacher, captured[0].log_probs
-                )
+                aligned = self._distill_loss(base, guided, backbone_outputs[0], causal_lm, teacher)
             else:
                 aligned = aligned_loss(self.args.align_loss, target, h_base)
             if weight > 0:
@@ -514,16 +512,12 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             loss = self._check_finite(loss, dpo_loss, aligned)
         return (loss, result[1]) if return_outputs else loss
 
-    def _distill_loss(
-        self, base, guided, student_outputs, causal_lm, teacher_hidden, student_label_logps
-    ) -> torch.Tensor:
+    def _distill_loss(self, base, guided, student_outputs, causal_lm, teacher_hidden) -> torch.Tensor:
         """`distill` / `ref_distill`: the KL at every base-view response position, reduced per --distill_reduction.
 
         The student is the base view's final hidden states of TRL's forward (with gradient). The teacher is the
         guided view's final hidden states (`distill`; exact `ref_distill`, from the reference and through its
-        own LM head), or the precomputed top-K rows of the batch (`ref_distill --distill_top_k`). With the
-        top-K teacher, the student's logits are needed at the K ids only: the normaliser comes from the log-prob
-        of each position's own next token, `student_label_logps`, which TRL's forward computed for DPO.
+        own LM head), or the precomputed top-K rows of the batch (`ref_distill --distill_top_k`).
         """
         response = base["completion_mask"][:, 1:].bool()
         lengths = response.sum(1)
@@ -535,18 +529,9 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         if "teacher_ids" in guided:
             if not torch.equal(guided["teacher_lengths"].to(lengths.device), lengths):
                 raise RuntimeError("The precomputed teacher's response positions differ from the batch's.")
-            seq_len = response.size(1)
-            labels = base["input_ids"][:, 1:][response]
-            label_logps = student_label_logps[:, -seq_len:][response]
-            head = lm_head_of(causal_lm)
-
-            def kl(hidden, ids, label, label_logp, teacher_logps, teacher_log_rest):
-                at = head.logits_at(hidden, torch.cat([ids.long(), label.unsqueeze(-1)], dim=-1))
-                return topk_token_kl_from_label(at, label_logp, teacher_logps, teacher_log_rest)
-
             per_token = chunked_rows(
-                kl, student, guided["teacher_ids"], labels, label_logps, guided["teacher_logps"],
-                guided["teacher_log_rest"],
+                lambda s, i, lp, r: topk_token_kl(student_logits(s), i, lp, r),
+                student, guided["teacher_ids"], guided["teacher_logps"], guided["teacher_log_rest"],
             )  # fmt: skip
         else:
             teacher_lm = causal_lm
