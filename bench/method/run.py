@@ -1,6 +1,6 @@
 """The controlled method benchmark: does the preference guidance do what plain DPO cannot?
 
-    python -m bench.method.run            # from the repository root; CPU, about 13 minutes on 2 cores
+    python -m bench.method.run            # from the repository root; CPU, about 32 minutes on 2 cores
 
 Builds and pretrains a tiny model on the synthetic world of `world.py` (the instruction makes answers
 concise *and* polite), writes preference pairs that contrast concision only, then trains every arm
@@ -9,15 +9,15 @@ LoRA settings, and measures each trained model on held-out questions and topics 
 
 - plain DPO (`ALPHA=0`) at several learning rates: the curve every other arm is compared against at a
   matched parameter-change size;
-- `hinge`, `ref_hinge` and `distill`, each at two ALPHA values, at the base learning rate;
-- every arm with 5 seeds, each a full replicate: its own pretraining corpus and base model, training
-  pairs, LoRA initialisation and data order (a first version varied only the training seed on one base
-  model and drew conclusions that a second base model reversed).
+- `hinge` and `ref_hinge` at one ALPHA; `distill` and `ref_distill` over ALPHA, reduction and learning
+  rate (`ARMS`), the exact teacher beside the top-K one, and a soft prompt learned by STAGE=ptune;
+- every arm with 10 seeds, each a full replicate: its own pretraining corpus and base model, training
+  pairs, LoRA initialisation and data order, replicates side by side (`--jobs`), one thread each.
 
 Writes `bench/method/results.json` (every run), `METHOD_RESULTS.md` (table, matched-step comparison,
 command, date, versions) and `bench/method/trait_two_vs_step.png`. Finished runs are kept in
-`bench/method/work/` and skipped on a rerun while the benchmark's sources are unchanged (`--fresh` starts
-over); the pretrained base model is cached there too.
+`bench/method/work/` and skipped on a rerun while the benchmark's and the tool's sources are unchanged
+(`--fresh` starts over); the pretrained base models are cached there too.
 """
 
 from __future__ import annotations
@@ -251,11 +251,15 @@ def ref_target_by_politeness(base: Path, train_path: Path) -> list[dict]:
     return groups
 
 
-def fingerprint(*files: str) -> str:
-    """A short hash of this benchmark's own sources: cached results are reused only while they match."""
+def fingerprint(*files: str, tool: bool = False) -> str:
+    """A short hash of this benchmark's own sources (and, with `tool`, the tool's): cached results are reused
+    only while they match."""
     digest = hashlib.sha256()
-    for name in files:
-        digest.update((HERE / name).read_bytes())
+    paths = [HERE / name for name in files]
+    if tool:
+        paths += [REPO / "train_with_preference_prompt.py", *sorted((REPO / "preference_dpo").glob("*.py"))]
+    for path in paths:
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -329,7 +333,7 @@ def run_seed(seed: int, arm_names: list[str], work: Path, fresh: bool, done: set
 def fingerprints() -> tuple[str, str]:
     """The base models' key (the world and pretraining) and the runs' key (everything the runs depend on)."""
     base = ("world.py", "encoding.py", "pretrain.py")
-    return fingerprint(*base), fingerprint(*base, "evaluate.py", "run.py")
+    return fingerprint(*base), fingerprint(*base, "evaluate.py", "run.py", tool=True)
 
 
 def main(argv: list[str] | None = None) -> int:
