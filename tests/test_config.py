@@ -143,7 +143,7 @@ def test_launcher_defaults_equal_python_defaults(tiny_model_dir):
             assert left == right, f.name
     # every launcher variable in the table is passed by the launcher
     passed = {flag.removeprefix("--") for flag in flags if flag.startswith("--")}
-    optional = {"reference_model_path", "prompt_embedding_path"}
+    optional = {"reference_model_path", "prompt_embedding_path", "distill_top_k"}  # passed when set
     assert set(LAUNCHER_VARIABLES.values()) - optional <= passed
 
 
@@ -155,6 +155,9 @@ def test_launcher_overrides_from_environment_and_gpu_command():
             "BETA": "0.1",
             "ALPHA": "0.2",
             "PREFERENCE_TEXT": "请提供一个有用、诚实、无害且简洁的回答。",
+            "ALIGN_LOSS": "ref_distill",
+            "DISTILL_TOP_K": "16",
+            "DISTILL_REDUCTION": "sequence_sum",
         }
     )
     assert argv[:3] == ["env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "deepspeed"]
@@ -163,6 +166,8 @@ def test_launcher_overrides_from_environment_and_gpu_command():
     assert argv[argv.index("--beta") + 1] == "0.1"
     assert argv[argv.index("--aligned_loss_weight") + 1] == "0.2"
     assert argv[argv.index("--preference_text") + 1] == "请提供一个有用、诚实、无害且简洁的回答。"
+    assert argv[argv.index("--distill_top_k") + 1] == "16"
+    assert argv[argv.index("--distill_reduction") + 1] == "sequence_sum"
 
 
 def test_launcher_is_bash_n_clean():
