@@ -170,7 +170,8 @@ def expected_tags(align_loss: str) -> tuple[set[str], set[str]]:
     others = forms - {f"{align_loss}_loss"}
     required = {tag for key, pair in METRIC_TAGS.items() if key not in others for tag in pair}
     if uses_reference_target(align_loss):  # no guided forward in training: the guided view's stats in eval only
-        required -= {METRIC_TAGS[key][0] for key in ("pref_advantage_ratio", "pref_delta_w", "pref_delta_l")}
+        eval_only = ("pref_advantage_ratio", "pref_delta_w", "pref_delta_l", "accuracy_guided", "margin_guided")
+        required -= {METRIC_TAGS[key][0] for key in eval_only}
     return required, {tag for key in others for tag in METRIC_TAGS[key]}
 
 
