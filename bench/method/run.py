@@ -284,7 +284,7 @@ def run_seed(seed: int, arm_names: list[str], work: Path, fresh: bool, done: set
     if fresh or not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != base_key:
         logger.info("Seed %d: pretraining the base model on the synthetic world ...", seed)
         pretrain.pretrain(base, seed=seed)
-        marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": base_key}) + "\n")
+        _update_marker(marker, fingerprint=base_key)
     data = work / f"data_seed{seed}"
     train_path = write_data(data, seed)
     baseline = measure_run(base, None, eval_pairs, eval_questions)
@@ -298,7 +298,7 @@ def run_seed(seed: int, arm_names: list[str], work: Path, fresh: bool, done: set
             shutil.rmtree(folder, ignore_errors=True)  # a prompt learned on another base model or code
         t0 = time.monotonic()
         summary = learn_prompt(seed, base, train_path, write_eval_data(data, eval_pairs), folder)
-        marker.write_text(json.dumps({**json.loads(marker.read_text()), "prompt_fingerprint": run_key}) + "\n")
+        _update_marker(marker, prompt_fingerprint=run_key)
         prompt = folder / "prompt_embeddings.pt"
         baseline["learned_prompt"] = summary["held_out_comparison"]
         baseline["ptune_seconds"] = summary.get("seconds", round(time.monotonic() - t0, 1))
@@ -328,6 +328,11 @@ def run_seed(seed: int, arm_names: list[str], work: Path, fresh: bool, done: set
             row["polite_prob"], row["greedy_polite"], row["logp_chosen"] - baseline["logp_chosen"],
         )  # fmt: skip
     return baseline, rows
+
+
+def _update_marker(marker: Path, **fields) -> None:
+    """Add `fields` to a base model's `pretraining.json` (what it was made from, and the prompt learned on it)."""
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), **fields}) + "\n")
 
 
 def fingerprints() -> tuple[str, str]:
@@ -396,8 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     results.write_text(json.dumps({"baselines": list(baselines.values()), "runs": runs}, indent=1) + "\n")
     if complete:
         # pretraining plus every run, one process each: the same on a rerun that reuses finished runs
-        seconds = sum(b["pretraining_seconds"] + b.get("ptune_seconds", 0) for b in baselines.values())
-        seconds += sum(r["seconds"] for r in runs)
+        seconds = report.total_seconds(baselines, runs)
         report.write(REPORT, PLOT, baselines, runs, ARMS, "python -m bench.method.run", seconds, settings_text(),
                      wall_seconds=wall, jobs=jobs)  # fmt: skip
         logger.info("Wrote %s and %s (%.1f min)", REPORT, PLOT, wall / 60)
