@@ -2,6 +2,7 @@
 
     python bench/step_time.py --config large            # CPU, hidden 512 x 8 layers
     python bench/step_time.py --config tiny
+    python bench/step_time.py --config smollm2          # CPU: SmolLM2-135M's shape (Llama, 30 layers, vocab 49k)
     python bench/step_time.py --config qwen1.5b         # CUDA: Qwen2.5-1.5B shape, random weights, bf16
 
 Configurations, all with LoRA (r=16, all linear layers), precomputed reference log-probs, the same
@@ -14,6 +15,9 @@ model, batches and settings, in one process:
   G  B with ALIGN_LOSS=distill (token-level KL at response positions, instead of the hinge)
   H  B with ALIGN_LOSS=ref_distill, exact (the reference's guided forward in every step)
   I  B with ALIGN_LOSS=ref_distill --distill_top_k K (`--top_k`, default 64; the teacher precomputed)
+  J  B with ALIGN_LOSS=ref_hinge (the reference's guided margins precomputed)
+The weights are random: step time and memory depend on the shape, not on the values. `smollm2` is
+SmolLM2-135M-Instruct's architecture (Llama) at the real-model benchmark's batch, 8 pairs of 160 tokens.
 Steps run round-robin (A B C D A B C D ...) so machine drift hits all alike. Per configuration: median
 optimizer-step time after warm-up, peak memory of a step (GPU: torch.cuda.max_memory_allocated; CPU: RSS
 sampled every 2 ms, above the level before the step), tokens/s (base-view tokens), model FLOPs
@@ -45,8 +49,10 @@ CONFIGS = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
     "tiny": (64, 2, 4, 2, 192, 2048),
     "large": (512, 8, 8, 2, 1536, 32000),
+    "smollm2": (576, 30, 9, 3, 1536, 49152),
     "qwen1.5b": (1536, 28, 12, 2, 8960, 151936),
 }
+LLAMA_CONFIGS = ("smollm2",)  # the others are Qwen2 (attention with biases)
 
 
 # Dense bf16 peak (TFLOP/s, no sparsity) by a fragment of the device name, first match: the MFU denominator.
@@ -62,18 +68,25 @@ class Shape:
     instruction: int = 16
 
 
+# Per configuration, the shape when --pairs is not given: smollm2 runs the real-model benchmark's batch.
+SHAPES = {"smollm2": Shape(pairs=8, prompt=40, completion=104, instruction=16)}
+
+
 def build_model(name: str, device: str, dtype):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     hidden, layers, heads, kv, inter, vocab = CONFIGS[name]
-    config = Qwen2Config(
+    config_class, model_class = (
+        (LlamaConfig, LlamaForCausalLM) if name in LLAMA_CONFIGS else (Qwen2Config, Qwen2ForCausalLM)
+    )
+    config = config_class(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=1024, tie_word_embeddings=True,
         pad_token_id=0, eos_token_id=1,
     )  # fmt: skip
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
+    return model_class(config).to(device=device, dtype=dtype)
 
 
 def synthetic_pairs(n: int, shape: Shape, vocab: int, soft: bool):
@@ -155,7 +168,7 @@ def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding, top_k: 
         alpha = 0.0 if kind == "D" else 0.1
         guided_forward = "full" if kind in "EF" else "shared_prompt"
         embedding = kind in "CF"
-        align_loss = {"G": "distill", "H": "ref_distill", "I": "ref_distill"}.get(kind, "hinge")
+        align_loss = {"G": "distill", "H": "ref_distill", "I": "ref_distill", "J": "ref_hinge"}.get(kind, "hinge")
         args = PreferenceDPOConfig(max_length=max_length, aligned_loss_weight=alpha, guided_forward=guided_forward,
                                    align_loss=align_loss, distill_top_k=top_k if kind == "I" else None,
                                    **args_kwargs)  # fmt: skip
@@ -185,9 +198,9 @@ def main(argv=None) -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="large")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--pairs", type=int, default=4, help="pairs per step")
+    parser.add_argument("--pairs", type=int, default=None, help="pairs per step (default: 4; smollm2: 8)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFGHI")
+    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFGHIJ")
     parser.add_argument("--top_k", type=int, default=64, help="K of configuration I")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench/results/<config>.json)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="GPU bf16 peak for MFU (default: by name)")
@@ -204,7 +217,9 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     if not cuda:
         torch.set_num_threads(args.threads)
-    shape = Shape(pairs=args.pairs)
+    shape = SHAPES.get(args.config, Shape())
+    if args.pairs is not None:
+        shape = Shape(args.pairs, shape.prompt, shape.completion, shape.instruction)
     total = args.warmup + args.steps
     vocab = CONFIGS[args.config][5]
     hidden = CONFIGS[args.config][0]
@@ -313,6 +328,7 @@ def main(argv=None) -> None:
         "G": "text, distill",
         "H": "ref_distill",
         "I": f"ref_dist K{args.top_k}",
+        "J": "ref_hinge",
     }
     lines = [
         f"config {args.config} {meta['model_shape']}, {shape.pairs} pairs x ({shape.prompt}+{shape.completion}) "
