@@ -214,8 +214,9 @@ def encode_sample_prompts(prompts: list[Any], tokenizer, tokenize_kwargs: dict[s
     from .views import template_default_system, tokenize_views
 
     default_system = ""
-    if prompts and isinstance(prompts[0], list) and not tokenize_kwargs["num_soft_tokens"]:
-        default_system = template_default_system(tokenizer)
+    conversational = bool(prompts) and isinstance(prompts[0], list)
+    if conversational and not tokenize_kwargs["num_soft_tokens"] and tokenize_kwargs["preference_position"] == "system":
+        default_system = template_default_system(tokenizer)  # the user position needs none (and may have none)
     encoded = []
     for prompt in prompts:
         # a one-token dummy response: only the prompts are used, computed as for a real pair

@@ -36,11 +36,22 @@ def template_default_system(tokenizer) -> str:
     Qwen2.5's template adds "You are Qwen, created by Alibaba Cloud. ..." when no system message is given.
     A guided prompt that brought its own system message would silently drop that text, and the two views
     would differ by more than the instruction; so the instruction is appended to this default instead.
+    Only PREFERENCE_POSITION=system needs it: a template that refuses a system message (Gemma, Mistral v0.1)
+    is a `UserInputError` that suggests PREFERENCE_POSITION=user.
     """
+    from jinja2.exceptions import TemplateError
+
     sentinel = "\x1fSYSTEM\x1f"
     user = [{"role": "user", "content": "x"}]
     plain = tokenizer.apply_chat_template(user, tokenize=False)
-    with_system = tokenizer.apply_chat_template([{"role": "system", "content": sentinel}, *user], tokenize=False)
+    try:
+        with_system = tokenizer.apply_chat_template([{"role": "system", "content": sentinel}, *user], tokenize=False)
+    except TemplateError as e:
+        raise UserInputError(
+            f"The tokenizer's chat template does not accept a system message ({str(e).strip() or 'TemplateError'}), so "
+            "PREFERENCE_POSITION=system has nowhere to put the instruction; set PREFERENCE_POSITION=user (the "
+            "instruction then opens the first user message)."
+        ) from None
     if sentinel not in with_system:
         return ""
     head, tail = with_system.split(sentinel, 1)
@@ -235,8 +246,9 @@ def tokenize_preference_dataset(
             f"MAX_PROMPT_LENGTH (--max_prompt_length) = {max_prompt_length}; raise it or use fewer tokens."
         )
     conversational = isinstance(dataset[0]["prompt"], list)
-    default_system = template_default_system(tokenizer) if conversational and not num_soft_tokens else ""
-    if default_system and preference_position == "system":
+    in_system = conversational and not num_soft_tokens and preference_position == "system"
+    default_system = template_default_system(tokenizer) if in_system else ""
+    if default_system:
         # Only prompts without a system message of their own get the default one (see insert_instruction).
         n_default = sum(not (prompt and prompt[0]["role"] == "system") for prompt in dataset["prompt"])
         if n_default:

@@ -182,6 +182,39 @@ def test_a_resumed_run_does_not_evaluate_before_training_again(common, capsys, t
     assert [entry["step"] for entry in history if "eval_loss" in entry] == [0, 2]
 
 
+@pytest.fixture
+def no_system_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model with a chat template that refuses a system message (Gemma's rule)."""
+    from transformers import AutoTokenizer
+
+    from .test_views import NO_SYSTEM_TEMPLATE
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "no_system_model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_template_without_system_role_trains_with_the_user_position(common, capsys, no_system_model_dir, monkeypatch):
+    """PREFERENCE_POSITION=user works with such a template (tokenization and the sample prompts); =system is one
+    line before any weights load."""
+    from transformers import AutoModelForCausalLM
+
+    argv = [*common, "--model_name_or_path", str(no_system_model_dir), "--max_steps", "1", "--num_sample_prompts", "1"]
+    code, errors = run_main([*argv, "--preference_position", "user"], capsys)
+    assert code == 0, errors
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the bad input was reported")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    code, errors = run_main([*argv, "--preference_position", "system", "--overwrite", "true"], capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert "does not accept a system message (System role not supported)" in errors[0]
+    assert "set PREFERENCE_POSITION=user" in errors[0]
+
+
 # --- resume -----------------------------------------------------------------------------------------------
 
 

@@ -329,3 +329,36 @@ def test_pairs_whose_responses_tokenize_differently_with_the_instruction_are_dro
     assert "Dropped 1 of 2 train pairs whose response tokens differ" in caplog.text
     with pytest.raises(UserInputError, match=r"All 1 train pairs were dropped.*response tokens differ"):
         tokenize_preference_dataset(Dataset.from_list([CONV]), odd, max_prompt_length=200, **kwargs)
+
+
+# --- chat templates without a system role (Gemma, Mistral v0.1 style) ---
+
+# Gemma's rule, in the tiny tokenizer's tokens: a system message raises, as `raise_exception` does there.
+NO_SYSTEM_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture
+def no_system_tokenizer(tokenizer):
+    import copy
+
+    without = copy.deepcopy(tokenizer)
+    without.chat_template = NO_SYSTEM_TEMPLATE
+    return without
+
+
+def test_a_template_without_system_role_takes_the_instruction_in_the_user_turn(no_system_tokenizer):
+    from datasets import Dataset
+
+    dataset = Dataset.from_list([CONV, CONV])
+    kwargs = dict(name="train", preference_text=P, num_soft_tokens=0, max_length=300, max_prompt_length=128)
+    kept = tokenize_preference_dataset(dataset, no_system_tokenizer, preference_position="user", **kwargs)
+    guided = no_system_tokenizer.decode(kept[0]["guided_prompt_ids"])
+    assert guided == f"<|im_start|>user\n{P}\n\nHow do I boil an egg?<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(UserInputError, match=r"does not accept a system message.*PREFERENCE_POSITION=user"):
+        tokenize_preference_dataset(dataset, no_system_tokenizer, preference_position="system", **kwargs)
