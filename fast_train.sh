@@ -19,7 +19,7 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 NODE_RANK="${NODE_RANK:-}"                # multi-node without ssh: this node's index in GPU_NODES, run on each node
 
 # Model and data. The defaults are the embedded tiny model and data set.
-POLICY_MODEL_PATH="${POLICY_MODEL_PATH:-$SCRIPT_DIR/tiny_model}"   # e.g. Qwen/Qwen2.5-1.5B-Instruct
+POLICY_MODEL_PATH="${POLICY_MODEL_PATH:-$SCRIPT_DIR/tiny_model}"   # e.g. Qwen/Qwen2.5-1.5B-Instruct, or smollm2
 REFERENCE_MODEL_PATH="${REFERENCE_MODEL_PATH:-}"                   # empty: the policy with LoRA disabled
 TRAIN_DATASET_PATH="${TRAIN_DATASET_PATH:-$SCRIPT_DIR/data/preference_pairs/train.jsonl}"
 TEST_DATASET_PATH="${TEST_DATASET_PATH-$SCRIPT_DIR/data/preference_pairs/test.jsonl}"  # set empty for none
@@ -291,6 +291,10 @@ if [[ "$POLICY_MODEL_PATH" == "$embedded_model" ]]; then
   (cd "$SCRIPT_DIR" && "$PYTHON" -m preference_dpo.tiny_model --output_dir "$embedded_model" --if_needed) 2>&1 |
     (trap '' INT TERM; tee -a "$log_file")
 fi
+# A short name the tool knows (POLICY_MODEL_PATH=smollm2) is built once, here, before any rank starts; the trainer
+# then finds the folder. Any other value: returns at once, printing nothing.
+"$PYTHON" "$SCRIPT_DIR/scripts/get_model.py" "$POLICY_MODEL_PATH" --if_preset 2>&1 >/dev/null |
+  (trap '' INT TERM; tee -a "$log_file")
 
 # Signals go through this script. The training job (the command and its `tee`) runs in a process group of its own
 # (set -m), so a Ctrl-C in the terminal reaches this shell alone. The first SIGINT or SIGTERM is passed on to the

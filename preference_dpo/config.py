@@ -17,6 +17,7 @@ from pathlib import Path
 from trl import DPOConfig, ModelConfig
 
 from .errors import UserInputError
+from .presets import PRESETS, is_preset, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,11 @@ class ModelArguments(ModelConfig):
 
     model_name_or_path: str | None = field(
         default=str(REPO_ROOT / "tiny_model"),
-        metadata={"help": "Policy model: a local folder or a Hub id (the embedded default is built in `tiny_model`)."},
+        metadata={
+            "help": "Policy model: a local folder, a Hub id, or a short name the tool builds a folder for once ("
+            + ", ".join(PRESETS)
+            + "; see preference_dpo/presets.py). The embedded default is built in `tiny_model`."
+        },
     )
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: ["all-linear"],
@@ -508,7 +513,7 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
         ("model_name_or_path", model.model_name_or_path, model.model_revision),
         ("reference_model_path", model.reference_model_path, None),
     ):
-        problem = _model_problem(flag, path, revision) if path else None
+        problem = _model_problem(flag, path, revision) if path and not is_preset(path) else None
         if problem:
             problems.append(problem)
     if train.output_dir and train.stage != "ptune":  # the ptune stage writes to ptune_output_dir only
@@ -664,4 +669,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArgum
     if model.reference_model_path == "":
         model.reference_model_path = None
     validate(data, model, train)
+    # A short name (`smollm2`) becomes its built folder here, once every other input is known to be good: the
+    # build (a download and a conversion, the first time) is the last check, and the run sees a plain folder.
+    model.model_name_or_path = resolve(model.model_name_or_path, "POLICY_MODEL_PATH")
+    if model.reference_model_path:
+        model.reference_model_path = resolve(model.reference_model_path, "REFERENCE_MODEL_PATH")
     return data, model, train
