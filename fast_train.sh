@@ -291,10 +291,6 @@ if [[ "$POLICY_MODEL_PATH" == "$embedded_model" ]]; then
   (cd "$SCRIPT_DIR" && "$PYTHON" -m preference_dpo.tiny_model --output_dir "$embedded_model" --if_needed) 2>&1 |
     (trap '' INT TERM; tee -a "$log_file")
 fi
-# A short name the tool knows (POLICY_MODEL_PATH=smollm2) is built once, here, before any rank starts; the trainer
-# then finds the folder. Any other value: returns at once, printing nothing.
-"$PYTHON" "$SCRIPT_DIR/scripts/get_model.py" "$POLICY_MODEL_PATH" --if_preset 2>&1 >/dev/null |
-  (trap '' INT TERM; tee -a "$log_file")
 
 # Signals go through this script. The training job (the command and its `tee`) runs in a process group of its own
 # (set -m), so a Ctrl-C in the terminal reaches this shell alone. The first SIGINT or SIGTERM is passed on to the
