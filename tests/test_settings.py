@@ -235,13 +235,15 @@ def fp32_logs(sharp_model_dir, tokenizer, small_data, tmp_path_factory):
 # Allowed differences from the fp32 run, about 3x those measured here (bf16 keeps 8 significant bits, u = 2^-8
 # = 3.9e-3; fp16 11, u = 4.9e-4; fp16 came out 2 to 4x closer than bf16, not 8x):
 # - summed response log-probs (~60 tokens, 80 to 400 nats), relative: bf16 2e-3 (measured 4.6e-4), fp16 5e-4 (1e-4);
-# - pref_delta_w/l, differences of two such sums (guided - base): bf16 0.3 nats (0.11), fp16 0.15 (0.045);
+# - pref_delta_w/l, differences of two such sums (guided - base): bf16 0.6 nats (0.11 on one machine, 0.31 on
+#   another CPU of this kind: its bf16 kernels round differently; two sums each within 2e-3 of ~150 nats can
+#   differ by 0.6), fp16 0.15 (0.045);
 # - dpo_loss, rewards/margins (BETA x differences of sums) and distill_loss (a KL in fp32 from half-precision
 #   hidden states): 0.015 (measured: bf16 0.005, fp16 0.003).
 # SGD, so that step 2 carries step 1's half-precision gradient in proportion (Adam's first step is nearly
 # lr x sign(gradient): one flipped sign moves a weight by 2 lr, whatever the precision).
 TOLERANCES = {
-    "bf16": {"logps": 2e-3, "delta": 0.3, "loss": 0.015},
+    "bf16": {"logps": 2e-3, "delta": 0.6, "loss": 0.015},
     "fp16": {"logps": 5e-4, "delta": 0.15, "loss": 0.015},
 }
 
