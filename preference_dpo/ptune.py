@@ -27,9 +27,10 @@ import torch
 from transformers import Trainer
 
 from .cache import file_backed
-from .checkpoints import StopOnSignal, checkpoints, last_complete_checkpoint, mark_complete, move_into, resolve_resume
+from .checkpoints import checkpoints, move_into
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
-from .errors import NonFiniteLossError, TrainingInterrupted, UserInputError
+from .errors import UserInputError
+from .faults import FaultTolerantTrainer, end_if_stopped, starting_checkpoint, stop_on_signal, train
 from .losses import preference_accuracy_and_margin, prompt_dpo_loss, prompt_sft_loss
 from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, library_versions
 from .views import insert_soft_tokens, split_views
@@ -131,8 +132,9 @@ def build_prompt_encoder(model, tokenizer_path: str, train_args: PreferenceDPOCo
     return encoder
 
 
-class SoftPromptTrainer(Trainer):
-    """transformers' `Trainer` on a `SoftPromptModel`: the objective, its metrics, complete-or-ignored checkpoints.
+class SoftPromptTrainer(FaultTolerantTrainer, Trainer):
+    """transformers' `Trainer` on a `SoftPromptModel`: the objective and its metrics (NaN/Inf losses and complete
+    checkpoints as in the DPO stage: `faults.FaultTolerantTrainer`).
 
     Batches come from `views.PreferenceViewsCollator(guided_forward="full")`: the base view is the prompt
     without `E`, the guided view the prompt followed by the `k` placeholders.
@@ -167,19 +169,8 @@ class SoftPromptTrainer(Trainer):
         self._metrics[mode]["accuracy"].append(gather(accuracy).mean().item())
         self._metrics[mode]["margin"].append(gather(margin).mean().item())
         if mode == "train":
-            self._check_finite(loss)
+            loss = self._finite_or_skipped(loss, lambda: f"P-tuning loss is {loss.item()}", "Lower PTUNE_LEARNING_RATE")
         return (loss, prompted) if return_outputs else loss
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
-        if finite:
-            return
-        last = last_complete_checkpoint(self.args.output_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-        raise NonFiniteLossError(
-            f"Step {self.state.global_step + 1}: the P-tuning loss is {loss.item()}; stopped, {kept}. Lower "
-            "PTUNE_LEARNING_RATE."
-        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -223,13 +214,6 @@ class SoftPromptTrainer(Trainer):
             super()._save_optimizer_and_scheduler(output_dir)
         finally:
             del engine.save_checkpoint  # back to the class's method
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # Written after every other file of the checkpoint: without it, resume ignores the folder.
-        if self.args.should_save:
-            mark_complete(f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}")
-        self.accelerator.wait_for_everyone()
 
 
 # --- outputs -------------------------------------------------------------------------------------------------
@@ -440,15 +424,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         eval_dataset = file_backed(eval_dataset, tokenized / "test", args)
     if text_eval is not None:
         text_eval = file_backed(text_eval, tokenized / "test_text", args)
-    with args.main_process_first(desc="checking the output folder"):
-        if args.overwrite:
-            if args.process_index == 0:
-                clear_previous_prompt(output_dir, args.log_dir)
-            resume_from = None
-        else:
-            resume_from = resolve_resume(args.resume_from_checkpoint, str(output_dir))
-    if resume_from is not None:  # evaluated before training when the stage started (its history has it)
-        args.eval_on_start = False
+    resume_from = starting_checkpoint(args, lambda: clear_previous_prompt(output_dir, args.log_dir))
 
     # --- weights: frozen, with TRL's fused LM head scoring the responses as in the DPO stage ---
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -482,7 +458,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     tensorboard = TensorBoardMetricsCallback(
         args.log_dir, tag=ptune_tensorboard_tag, filename_suffix=PTUNE_EVENTS_SUFFIX
     )
-    stopper = StopOnSignal()
+    stopper = stop_on_signal(args)
     trainer = SoftPromptTrainer(
         model=soft_model,
         args=args,
@@ -494,17 +470,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         beta=args.beta,
     )
     use_one_progress_bar(trainer)
-    try:
-        trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        stopper.restore()
-    if stopper.received is not None:
-        tensorboard.close()
-        raise TrainingInterrupted(
-            stopper.received,
-            f"Stopped by signal at step {trainer.state.global_step}; a checkpoint was saved in {output_dir}. "
-            "Rerun the same command to resume.",
-        )
+    train(trainer, stopper, resume_from)
+    end_if_stopped(trainer, stopper, output_dir, before_stop=tensorboard.close)
     final_metrics: dict[str, float] = {}
     comparison: dict = {}
     if eval_dataset is not None:
