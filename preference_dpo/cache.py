@@ -83,8 +83,9 @@ def tokenizer_digest(tokenizer) -> str:
         return digest_path(folder)
 
 
-def model_digest(path: str) -> str:
-    """A model's identity: the content of its folder's files, or a Hub model's resolved commit."""
+def model_digest(path: str, revision: str | None = None) -> str:
+    """A model's identity: the content of its folder's files, or a Hub model's commit that `revision` (a branch, tag
+    or commit; None: `main`) resolves to, as the loads of its files resolve it."""
     if os.path.isdir(path):
         digest = hashlib.sha256()
         for file in sorted(p for p in Path(path).iterdir() if p.is_file()):  # what from_pretrained reads
@@ -94,7 +95,7 @@ def model_digest(path: str) -> str:
     from transformers.utils import cached_file
     from transformers.utils.hub import extract_commit_hash
 
-    resolved = cached_file(path, "config.json")  # already downloaded: the config was checked before
+    resolved = cached_file(path, "config.json", revision=revision)  # already downloaded: the config was checked
     commit = extract_commit_hash(resolved, None)
     return f"{path}@{commit}" if commit else digest_path(Path(resolved).parent)
 

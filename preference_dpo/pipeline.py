@@ -176,7 +176,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     if train_args.cache:
         reference = model_args.reference_model_path
         models = {
-            "policy": model_digest(model_args.model_name_or_path),
+            "policy": model_digest(model_args.model_name_or_path, revision),
             "reference": model_digest(reference) if reference else None,
             "precision": (train_args.bf16, train_args.fp16),
         }

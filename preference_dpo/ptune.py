@@ -105,10 +105,13 @@ class SoftPromptModel(torch.nn.Module):
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
 
-def build_prompt_encoder(model, tokenizer_path: str, train_args: PreferenceDPOConfig) -> torch.nn.Module:
+def build_prompt_encoder(
+    model, tokenizer_path: str, train_args: PreferenceDPOConfig, revision: str | None = None
+) -> torch.nn.Module:
     """PEFT's prompt-tuning embedding (PTUNE_ENCODER=none) or P-tuning MLP encoder (mlp), initialised from the
-    token embeddings of PREFERENCE_TEXT, repeated or cut to k (PTUNE_INIT=text), or from k random rows of the
-    vocabulary (vocab). With the MLP, its input vectors get that initialisation."""
+    token embeddings of PREFERENCE_TEXT, repeated or cut to k (PTUNE_INIT=text; PEFT loads the tokenizer at
+    `tokenizer_path`, `revision` for a Hub id), or from k random rows of the vocabulary (vocab). With the MLP,
+    its input vectors get that initialisation."""
     from peft import PromptEmbedding, PromptEncoder, PromptEncoderConfig, PromptTuningConfig
 
     hidden = model.config.get_text_config().hidden_size
@@ -118,6 +121,7 @@ def build_prompt_encoder(model, tokenizer_path: str, train_args: PreferenceDPOCo
             "prompt_tuning_init": "TEXT",
             "prompt_tuning_init_text": train_args.preference_text,
             "tokenizer_name_or_path": tokenizer_path,
+            "tokenizer_kwargs": {"revision": revision} if revision else None,
         }
     else:
         init = {"prompt_tuning_init": "SAMPLE_VOCAB"}
@@ -383,10 +387,13 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     k = train_args.num_virtual_tokens
     # --- everything checkable without weights ---
     check_prompt_output_dir(train_args.ptune_output_dir, train_args.overwrite)
-    check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote)
+    revision = model_args.model_revision  # every load of the model's files: the DPO stage trains on this one
+    check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote, revision)
     if model_args.reference_model_path:
         logger.info("REFERENCE_MODEL_PATH is for the DPO stage: here the reference is the model without the prompt.")
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=remote)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=remote, revision=revision
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenize_kwargs = {
@@ -428,13 +435,15 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
 
     # --- weights: frozen, with TRL's fused LM head scoring the responses as in the DPO stage ---
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, revision=revision, dtype=dtype, trust_remote_code=remote
+    )
     model.requires_grad_(False)
     if args.disable_dropout:
         disable_dropout_in_model(model)
     add_fused_lm_head(model)
     set_seed(args.seed)  # PTUNE_INIT=vocab and the MLP draw random numbers
-    soft_model = SoftPromptModel(model, build_prompt_encoder(model, model_args.model_name_or_path, args), k)
+    soft_model = SoftPromptModel(model, build_prompt_encoder(model, model_args.model_name_or_path, args, revision), k)
     with torch.no_grad():
         initial_prompt = soft_model.prompt().detach().float().clone()
     logger.info(
@@ -482,6 +491,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     summary = {
         "settings": {
             "model_name_or_path": model_args.model_name_or_path,
+            "model_revision": revision,
             "train_dataset_path": data_args.train_dataset_path,
             "test_dataset_path": data_args.test_dataset_path,
             **{
