@@ -23,8 +23,9 @@ None of BETA, ALPHA, the learning rate or the steps is in any key: nothing cache
 The batch size and device of the reference pass are not either: they change float rounding only.
 
 Entries are folders under `cache_dir`. A data set entry is written by one process into a temporary
-folder and renamed into place (a complete entry or none), under `main_process_first`, so the other
-ranks find it; decisions to reuse a precomputed column are the main process's, broadcast to all ranks.
+folder and renamed into place (a complete entry or none), under `main_process_first(local=False)`
+(the global main process: the folders are on storage every node shares), so the other ranks find it;
+decisions to reuse a precomputed column are the main process's, broadcast to all ranks.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def tokenizer_digest(tokenizer) -> str:
         return digest_path(folder)
 
 
-def model_digest(path: str) -> str:
-    """A model's identity: the content of its folder's files, or a Hub model's resolved commit."""
+def model_digest(path: str, revision: str | None = None) -> str:
+    """A model's identity: the content of its folder's files, or a Hub model's commit that `revision` (a branch, tag
+    or commit; None: `main`) resolves to, as the loads of its files resolve it."""
     if os.path.isdir(path):
         digest = hashlib.sha256()
         for file in sorted(p for p in Path(path).iterdir() if p.is_file()):  # what from_pretrained reads
@@ -94,7 +96,7 @@ def model_digest(path: str) -> str:
     from transformers.utils import cached_file
     from transformers.utils.hub import extract_commit_hash
 
-    resolved = cached_file(path, "config.json")  # already downloaded: the config was checked before
+    resolved = cached_file(path, "config.json", revision=revision)  # already downloaded: the config was checked
     commit = extract_commit_hash(resolved, None)
     return f"{path}@{commit}" if commit else digest_path(Path(resolved).parent)
 
@@ -164,7 +166,9 @@ class DatasetCache:
 
         folder = self.root / "tokenized" / key / split if self.enabled else self.fallback / split
         main = train_args.process_index == 0
-        with train_args.main_process_first(desc=f"tokenizing the {split} pairs"):
+        # The global main process, not each node's (local=True): on the shared storage the README requires, a
+        # second node's main process would read OUTPUT_DIR/.tokenized while this one rebuilds it.
+        with train_args.main_process_first(local=False, desc=f"tokenizing the {split} pairs"):
             # Without the cache the main process always rebuilds the per-run copy, and the others read it.
             reused = (folder / META_NAME).is_file() and (self.enabled or not main)
             if not reused:
@@ -258,7 +262,7 @@ def file_backed(dataset, folder: Path, train_args):
     """
     from datasets import load_from_disk
 
-    with train_args.main_process_first(desc=f"saving {folder.name}"):
+    with train_args.main_process_first(local=False, desc=f"saving {folder.name}"):  # one writer on shared storage
         if train_args.process_index == 0:
             if folder.exists():
                 shutil.rmtree(folder)

@@ -1,9 +1,10 @@
-"""Surviving faults: complete-or-ignored checkpoints, resuming, final outputs, stopping on signals.
+"""The output folder on disk: complete-or-ignored checkpoints, finished runs, the checkpoint to resume from.
 
 A checkpoint counts only once its `checkpoint_complete` marker exists: the marker is written after
 every other file of the checkpoint, so a run killed mid-save leaves a folder without it, which resume
 skips (and removes, saying so). A finished run is marked the same way by `run_config.json`, written last
-into the output folder after the other final files have been moved in.
+into the output folder after the other final files have been moved in. What a running stage does with
+these (signals, NaN losses, resume or OVERWRITE at start) is in `faults.py`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,7 @@ import logging
 import os
 import re
 import shutil
-import signal
-import time
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from .config import describe
 from .errors import UserInputError
@@ -91,13 +88,14 @@ def clear_previous_run(output_dir: str, log_dir: str | None = None) -> None:
         )
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """`true`/`auto`: the newest complete checkpoint in `output_dir` (or None); `false`: None; else a path."""
+def resolve_resume(value: str | None, output_dir: str, remove_incomplete: bool = True) -> str | None:
+    """`true`/`auto`: the newest complete checkpoint in `output_dir` (or None), incomplete ones removed
+    (`remove_incomplete`); `false`: None; else a path."""
     text = "" if value is None else str(value).strip()
     if text.lower() in ("", "false", "no", "0", "none"):
         return None
     if text.lower() in ("auto", "true", "yes", "1"):
-        last = last_complete_checkpoint(output_dir, remove_incomplete=True)
+        last = last_complete_checkpoint(output_dir, remove_incomplete=remove_incomplete)
         if last is not None:
             logger.info("Resuming from %s", last)
         return None if last is None else str(last)
@@ -118,101 +116,3 @@ def move_into(staging: Path, output_dir: Path, last: str) -> None:
             shutil.rmtree(target)
         os.replace(staging / name, target)
     staging.rmdir()
-
-
-class StopOnSignal(TrainerCallback):
-    """SIGTERM / SIGINT: stop at the next micro-batch, on every rank together, and save one checkpoint.
-
-    The handler only records the signal. At every micro-batch boundary the ranks all-reduce what they
-    received, so all of them stop at the same one even when a single rank was signalled (a collective
-    step or save with a rank missing would hang). Work on an unfinished step is dropped: the checkpoint
-    is the last finished step's, written once, by all ranks (none when that step is already saved, or
-    when no step finished). Checking per micro-batch keeps the stop short when a step has many of them.
-
-    Launchers pass signals on, so one stop request can arrive more than once (a Ctrl-C reaches a rank
-    from the terminal and again from DeepSpeed's launcher, which forwards SIGTERM to each rank in turn
-    after the previous one exits). Copies never hurry the stop. A process started by a launcher
-    (`launched`) never stops on a later signal: its launcher kills it (DeepSpeed after 30 s,
-    fast_train.sh on a second signal). A lone process stops at once (KeyboardInterrupt, nothing saved) on
-    a signal that comes more than `second_signal_after_s` after the first.
-    The pipeline then exits with 128 + `stop_signal`, and rerunning the same command resumes.
-    """
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), launched: bool = False, second_signal_after_s=2.0):
-        self.received: int | None = None  # the first signal this process got
-        self.stop_signal: int | None = None  # the signal all ranks agreed to stop on
-        self._received_at = 0.0
-        self._launched = launched
-        self._second_after = second_signal_after_s
-        self._saved_step = 0  # nothing to save at step 0
-        self._micro_batches = 0
-        self._previous = {}
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        now = time.monotonic()
-        if self.received is None:
-            self.received, self._received_at = signum, now
-            logger.warning(
-                "Received %s: stopping after this micro-batch and saving a checkpoint.", signal.Signals(signum).name
-            )
-        elif not self._launched and now - self._received_at > self._second_after:
-            raise KeyboardInterrupt  # a second request: stop now
-
-    def _agreed_signal(self, args) -> int | None:
-        """The largest signal number any rank received (an all-reduce), None if none did."""
-        import torch
-        import torch.distributed as dist
-
-        received = self.received or 0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([received], dtype=torch.int64, device=args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            received = int(flag.item())
-        return received or None
-
-    def _stop_if_signalled(self, args, state, control, within_step: bool):
-        if self.stop_signal is None:
-            self.stop_signal = self._agreed_signal(args)
-            if self.stop_signal is None:
-                return control
-            step = state.global_step
-            if state.is_world_process_zero:
-                where = f"during step {step + 1}, after micro-batch {self._micro_batches}" if within_step else ""
-                saving = (
-                    "no step has finished, nothing to save"
-                    if step == 0
-                    else f"checkpoint-{step} exists already"
-                    if step == self._saved_step
-                    else f"saving checkpoint-{step}"
-                )
-                name = signal.Signals(self.stop_signal).name
-                logger.warning("Stopping on %s %s; %s.", name, where or f"after step {step}", saving)
-        control.should_training_stop = True
-        control.should_evaluate = False
-        control.should_save = control.should_save or state.global_step != self._saved_step
-        return control
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._saved_step = state.global_step  # resumed: that checkpoint exists
-        return control
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._micro_batches = 0
-        return control
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        self._micro_batches += 1
-        return self._stop_if_signalled(args, state, control, within_step=True)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        return self._stop_if_signalled(args, state, control, within_step=False)
-
-    def on_save(self, args, state, control, **kwargs):
-        self._saved_step = state.global_step
-        return control
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -14,9 +14,10 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from .checkpoints import RUN_CONFIG_NAME, StopOnSignal, clear_previous_run, move_into, resolve_resume
+from .checkpoints import RUN_CONFIG_NAME, clear_previous_run, move_into
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
-from .errors import TrainingInterrupted, UserInputError
+from .errors import UserInputError
+from .faults import end_if_stopped, starting_checkpoint, stop_on_signal, train
 from .teacher import TEACHER_DIR
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     if train_args.cache:
         reference = model_args.reference_model_path
         models = {
-            "policy": model_digest(model_args.model_name_or_path),
+            "policy": model_digest(model_args.model_name_or_path, revision),
             "reference": model_digest(reference) if reference else None,
             "precision": (train_args.bf16, train_args.fp16),
         }
@@ -195,16 +196,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
                 data_args, model_args, train_args, len(train_dataset), len(eval_dataset or []), num_soft_tokens
             )
         )
-    # Main process first: it removes what must go (an old run, half-written checkpoints); the other ranks
-    # then find the same folder state instead of racing it.
-    with train_args.main_process_first(desc="checking the output folder"):
-        if train_args.overwrite:
-            clear_previous_run(train_args.output_dir, train_args.log_dir)
-            resume_from = None
-        else:
-            resume_from = resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
-    if resume_from is not None:  # the run evaluated before training when it started: that result is in its history
-        train_args.eval_on_start = False
+    resume_from = starting_checkpoint(train_args, lambda: clear_previous_run(train_args.output_dir, train_args.log_dir))
 
     # --- weights ---
     dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32
@@ -215,8 +207,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         ref_model = AutoModelForCausalLM.from_pretrained(model_args.reference_model_path, **load_kwargs)
 
     tensorboard = TensorBoardMetricsCallback(train_args.log_dir)
-    # Started by DeepSpeed's launcher (it passes --local_rank), which forwards signals to the ranks.
-    stopper = StopOnSignal(launched=train_args.local_rank != -1)
+    stopper = stop_on_signal(train_args)
     throughput = ThroughputCallback()  # before the TensorBoard writer: it adds its figures to the logs
     sample_prompts = test_meta.get("sample_prompts", [])[: train_args.num_sample_prompts]
     samples = report.SampleGenerations(
@@ -247,28 +238,11 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     report.use_one_progress_bar(trainer)
     train_started = time.monotonic()
     timing = {"setup (tokenizing, loading, reference pass)": train_started - started}
-    try:
-        trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        stopper.restore()
+    train(trainer, stopper, resume_from)
     timing["training with its evaluations"] = time.monotonic() - train_started
     if trainer.is_world_process_zero():
         logger.info("Training: %s", throughput.summary(train_args, trainer.state, time.monotonic() - train_started))
-    if stopper.stop_signal is not None:  # every rank takes this branch: the decision was collective
-        tensorboard.close()
-        step = trainer.state.global_step
-        saved = (
-            f"checkpoint-{step} in {train_args.output_dir} is complete. Rerun the same command to resume."
-            if step
-            else "no step had finished, nothing was saved. Rerun the same command to start again."
-        )
-        # No signal name: fast_train.sh passes a Ctrl-C on as SIGTERM (and says so), so this process's signal
-        # need not be the one the user sent.
-        raise TrainingInterrupted(stopper.stop_signal, f"Stopped by signal at step {step}; {saved}")
-    if stopper.received is not None:
-        logger.warning("The signal came after the last training step: finishing the run (final outputs).")
-    if trainer.nonfinite_batches_skipped:
-        logger.warning("Skipped %d batches with a NaN/Inf loss.", trainer.nonfinite_batches_skipped)
+    end_if_stopped(trainer, stopper, train_args.output_dir, before_stop=tensorboard.close)
     final_metrics: dict[str, float] = {}
     if eval_dataset is not None:
         last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})

@@ -27,9 +27,10 @@ import torch
 from transformers import Trainer
 
 from .cache import file_backed
-from .checkpoints import StopOnSignal, checkpoints, last_complete_checkpoint, mark_complete, move_into, resolve_resume
+from .checkpoints import checkpoints, move_into
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
-from .errors import NonFiniteLossError, TrainingInterrupted, UserInputError
+from .errors import UserInputError
+from .faults import FaultTolerantTrainer, end_if_stopped, starting_checkpoint, stop_on_signal, train
 from .losses import preference_accuracy_and_margin, prompt_dpo_loss, prompt_sft_loss
 from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, library_versions
 from .views import insert_soft_tokens, split_views
@@ -104,10 +105,13 @@ class SoftPromptModel(torch.nn.Module):
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
 
-def build_prompt_encoder(model, tokenizer_path: str, train_args: PreferenceDPOConfig) -> torch.nn.Module:
+def build_prompt_encoder(
+    model, tokenizer_path: str, train_args: PreferenceDPOConfig, revision: str | None = None
+) -> torch.nn.Module:
     """PEFT's prompt-tuning embedding (PTUNE_ENCODER=none) or P-tuning MLP encoder (mlp), initialised from the
-    token embeddings of PREFERENCE_TEXT, repeated or cut to k (PTUNE_INIT=text), or from k random rows of the
-    vocabulary (vocab). With the MLP, its input vectors get that initialisation."""
+    token embeddings of PREFERENCE_TEXT, repeated or cut to k (PTUNE_INIT=text; PEFT loads the tokenizer at
+    `tokenizer_path`, `revision` for a Hub id), or from k random rows of the vocabulary (vocab). With the MLP,
+    its input vectors get that initialisation."""
     from peft import PromptEmbedding, PromptEncoder, PromptEncoderConfig, PromptTuningConfig
 
     hidden = model.config.get_text_config().hidden_size
@@ -117,6 +121,7 @@ def build_prompt_encoder(model, tokenizer_path: str, train_args: PreferenceDPOCo
             "prompt_tuning_init": "TEXT",
             "prompt_tuning_init_text": train_args.preference_text,
             "tokenizer_name_or_path": tokenizer_path,
+            "tokenizer_kwargs": {"revision": revision} if revision else None,
         }
     else:
         init = {"prompt_tuning_init": "SAMPLE_VOCAB"}
@@ -131,8 +136,9 @@ def build_prompt_encoder(model, tokenizer_path: str, train_args: PreferenceDPOCo
     return encoder
 
 
-class SoftPromptTrainer(Trainer):
-    """transformers' `Trainer` on a `SoftPromptModel`: the objective, its metrics, complete-or-ignored checkpoints.
+class SoftPromptTrainer(FaultTolerantTrainer, Trainer):
+    """transformers' `Trainer` on a `SoftPromptModel`: the objective and its metrics (NaN/Inf losses and complete
+    checkpoints as in the DPO stage: `faults.FaultTolerantTrainer`).
 
     Batches come from `views.PreferenceViewsCollator(guided_forward="full")`: the base view is the prompt
     without `E`, the guided view the prompt followed by the `k` placeholders.
@@ -167,19 +173,8 @@ class SoftPromptTrainer(Trainer):
         self._metrics[mode]["accuracy"].append(gather(accuracy).mean().item())
         self._metrics[mode]["margin"].append(gather(margin).mean().item())
         if mode == "train":
-            self._check_finite(loss)
+            loss = self._finite_or_skipped(loss, lambda: f"P-tuning loss is {loss.item()}", "Lower PTUNE_LEARNING_RATE")
         return (loss, prompted) if return_outputs else loss
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
-        if finite:
-            return
-        last = last_complete_checkpoint(self.args.output_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-        raise NonFiniteLossError(
-            f"Step {self.state.global_step + 1}: the P-tuning loss is {loss.item()}; stopped, {kept}. Lower "
-            "PTUNE_LEARNING_RATE."
-        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -223,13 +218,6 @@ class SoftPromptTrainer(Trainer):
             super()._save_optimizer_and_scheduler(output_dir)
         finally:
             del engine.save_checkpoint  # back to the class's method
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # Written after every other file of the checkpoint: without it, resume ignores the folder.
-        if self.args.should_save:
-            mark_complete(f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}")
-        self.accelerator.wait_for_everyone()
 
 
 # --- outputs -------------------------------------------------------------------------------------------------
@@ -399,10 +387,13 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     k = train_args.num_virtual_tokens
     # --- everything checkable without weights ---
     check_prompt_output_dir(train_args.ptune_output_dir, train_args.overwrite)
-    check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote)
+    revision = model_args.model_revision  # every load of the model's files: the DPO stage trains on this one
+    check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote, revision)
     if model_args.reference_model_path:
         logger.info("REFERENCE_MODEL_PATH is for the DPO stage: here the reference is the model without the prompt.")
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=remote)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=remote, revision=revision
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenize_kwargs = {
@@ -440,25 +431,19 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         eval_dataset = file_backed(eval_dataset, tokenized / "test", args)
     if text_eval is not None:
         text_eval = file_backed(text_eval, tokenized / "test_text", args)
-    with args.main_process_first(desc="checking the output folder"):
-        if args.overwrite:
-            if args.process_index == 0:
-                clear_previous_prompt(output_dir, args.log_dir)
-            resume_from = None
-        else:
-            resume_from = resolve_resume(args.resume_from_checkpoint, str(output_dir))
-    if resume_from is not None:  # evaluated before training when the stage started (its history has it)
-        args.eval_on_start = False
+    resume_from = starting_checkpoint(args, lambda: clear_previous_prompt(output_dir, args.log_dir))
 
     # --- weights: frozen, with TRL's fused LM head scoring the responses as in the DPO stage ---
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype, trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, revision=revision, dtype=dtype, trust_remote_code=remote
+    )
     model.requires_grad_(False)
     if args.disable_dropout:
         disable_dropout_in_model(model)
     add_fused_lm_head(model)
     set_seed(args.seed)  # PTUNE_INIT=vocab and the MLP draw random numbers
-    soft_model = SoftPromptModel(model, build_prompt_encoder(model, model_args.model_name_or_path, args), k)
+    soft_model = SoftPromptModel(model, build_prompt_encoder(model, model_args.model_name_or_path, args, revision), k)
     with torch.no_grad():
         initial_prompt = soft_model.prompt().detach().float().clone()
     logger.info(
@@ -482,7 +467,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     tensorboard = TensorBoardMetricsCallback(
         args.log_dir, tag=ptune_tensorboard_tag, filename_suffix=PTUNE_EVENTS_SUFFIX
     )
-    stopper = StopOnSignal()
+    stopper = stop_on_signal(args)
     trainer = SoftPromptTrainer(
         model=soft_model,
         args=args,
@@ -494,17 +479,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         beta=args.beta,
     )
     use_one_progress_bar(trainer)
-    try:
-        trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        stopper.restore()
-    if stopper.received is not None:
-        tensorboard.close()
-        raise TrainingInterrupted(
-            stopper.received,
-            f"Stopped by signal at step {trainer.state.global_step}; a checkpoint was saved in {output_dir}. "
-            "Rerun the same command to resume.",
-        )
+    train(trainer, stopper, resume_from)
+    end_if_stopped(trainer, stopper, output_dir, before_stop=tensorboard.close)
     final_metrics: dict[str, float] = {}
     comparison: dict = {}
     if eval_dataset is not None:
@@ -515,6 +491,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     summary = {
         "settings": {
             "model_name_or_path": model_args.model_name_or_path,
+            "model_revision": revision,
             "train_dataset_path": data_args.train_dataset_path,
             "test_dataset_path": data_args.test_dataset_path,
             **{

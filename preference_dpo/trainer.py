@@ -28,8 +28,8 @@ import torch
 from trl import DPOTrainer
 
 from .cache import cached_columns, log_reference_pass, reference_fingerprint
-from .checkpoints import last_complete_checkpoint, mark_complete
-from .errors import NonFiniteLossError, UserInputError
+from .errors import UserInputError
+from .faults import FaultTolerantTrainer
 from .losses import (
     DISTILL_FORMS,
     LMHead,
@@ -168,7 +168,7 @@ def sequence_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor)
     return per_token_logps[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
 
 
-class PreferenceGuidedDPOTrainer(DPOTrainer):
+class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
     """DPO on the base view, plus `ALPHA * aligned_loss` against the guided view (docs/method.md).
 
     Datasets must come from `views.tokenize_preference_dataset` and batches from
@@ -177,7 +177,6 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, prompt_embedding: torch.Tensor | None = None, **kwargs):
         self.prompt_embedding = prompt_embedding
-        self.nonfinite_batches_skipped = 0
         config = kwargs.get("args")
         if config is not None and kwargs.get("eval_dataset") is None and config.eval_on_start:
             config.eval_on_start = False  # our default evaluates before training; without a test set there is none
@@ -334,13 +333,6 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
     def _head_logits(self, causal_lm, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits of final hidden states through the model's LM head (the distillation forms)."""
         return lm_head_of(causal_lm).logits(hidden)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # Written after every other file of the checkpoint: without it, resume ignores the folder.
-        if self.args.should_save:
-            mark_complete(f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}")
-        self.accelerator.wait_for_everyone()
 
     def _unwrapped(self, model) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(the model without DeepSpeed/DDP wrapping, its causal LM without the PEFT wrapper)."""
@@ -543,26 +535,12 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         return reduce_token_kl(per_token, lengths, self.args.distill_reduction)
 
     def _check_finite(self, loss, dpo_loss, aligned):
-        """Stop with an error on a NaN/Inf loss, or skip the batch with `--skip_nonfinite_batches`."""
-        finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1.0
-        if not finite and self.args.skip_nonfinite_batches:
-            self.nonfinite_batches_skipped += 1
-        if self.nonfinite_batches_skipped:
-            # TRL's `log` averages each list over the window: one element holding the running total logs the
-            # total (as TRL logs `num_tokens`), not the mean of 1, 2, 3 ...; every window from the first skip on.
-            self._metrics["train"]["nonfinite_batches_skipped"] = [self.nonfinite_batches_skipped]
-        if finite:
-            return loss
-        step = self.state.global_step + 1
-        if self.args.skip_nonfinite_batches:
-            # A fresh leaf: backward through it leaves every gradient untouched.
-            return loss.new_zeros((), requires_grad=True)
-        parts = f"dpo_loss={dpo_loss.item():.4g}"
-        if aligned is not None:
-            parts += f", aligned_loss={aligned.item():.4g}, ALPHA={self.args.aligned_loss_weight:g}"
-        last = last_complete_checkpoint(self.args.output_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-        raise NonFiniteLossError(
-            f"Step {step}: the training loss is {loss.item()} ({parts}); stopped, {kept}. Lower LEARNING_RATE or "
-            "ALPHA, or set SKIP_NONFINITE_BATCHES=true to skip such batches."
-        )
+        """The loss, a skipped batch's zero, or `NonFiniteLossError` naming its parts (`faults.FaultTolerantTrainer`)."""
+
+        def what() -> str:
+            parts = f"dpo_loss={dpo_loss.item():.4g}"
+            if aligned is not None:
+                parts += f", aligned_loss={aligned.item():.4g}, ALPHA={self.args.aligned_loss_weight:g}"
+            return f"training loss is {loss.item()} ({parts})"
+
+        return self._finite_or_skipped(loss, what, "Lower LEARNING_RATE or ALPHA")

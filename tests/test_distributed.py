@@ -229,7 +229,7 @@ AGREE = """
 import json, os, signal, sys
 import torch, torch.distributed as dist
 from transformers import TrainerControl, TrainerState
-from preference_dpo.checkpoints import StopOnSignal
+from preference_dpo.faults import StopOnSignal
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

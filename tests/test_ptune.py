@@ -454,3 +454,120 @@ def test_two_deepspeed_ranks_with_zero3_learn_the_same_prompt_as_one_process(tmp
     torch.testing.assert_close(prompts["zero3"], prompts["single"], rtol=1e-5, atol=1e-5)
     checkpoint = tmp_path / "zero3" / "ptune" / "checkpoint-2"
     assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < 200_000  # model: ~0.9 MB fp32
+
+
+# --- a signal to one of two DeepSpeed ranks -------------------------------------------------------------------
+
+
+def signal_one_rank(env: dict, logs: Path, rank: int, timeout: float = 90) -> tuple[int, str, float]:
+    """Start fast_train.sh; once a training step is logged, SIGTERM the rank `rank` process alone (not the
+    launcher, which would pass it on to every rank); return the exit status, the run's log and the seconds from
+    the signal to the exit."""
+    import signal
+    import time
+
+    import psutil
+
+    from .test_reliability import kill_session
+
+    proc = subprocess.Popen(["bash", str(REPO / "fast_train.sh")], env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never logged a step"
+            log = next((logs / "runs").glob("train_*.log"), None) if (logs / "runs").is_dir() else None
+            if log is not None and "{'loss'" in log.read_text():
+                break
+            time.sleep(0.1)
+        (target,) = [p for p in psutil.process_iter(["cmdline"])
+                     if os.getsid(p.pid) == proc.pid and f"--local_rank={rank}" in (p.info["cmdline"] or [])]  # fmt: skip
+        signalled = time.monotonic()
+        target.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        return code, log.read_text(), time.monotonic() - signalled
+    finally:
+        kill_session(proc.pid)
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_with_one_checkpoint(tmp_path, tiny_model_dir, small_data):
+    """2 DeepSpeed CPU ranks learning a prompt; SIGTERM reaches rank 1 only. Both ranks agree to stop at the same
+    micro-batch, save one complete checkpoint and exit 128 + 15; neither goes on to the final outputs (a rank
+    that went on alone would mark the stage finished at the stopped step, or wait in a collective)."""
+    import re
+    import signal
+
+    from preference_dpo.checkpoints import COMPLETE_MARKER, checkpoints
+
+    train, test = small_data
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env = {"DEVICE": "cpu", "CPU_RANKS": "2", "MASTER_PORT": "29583", "STAGE": "ptune",
+           "POLICY_MODEL_PATH": str(tiny_model_dir), "TRAIN_DATASET_PATH": str(train), "TEST_DATASET_PATH": str(test),
+           "PTUNE_MAX_STEPS": "500", "PER_DEVICE_BATCH_SIZE": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000",
+           "EVAL_STEPS": "1000", "OUTPUT_DIR": str(out), "LOG_DIR": str(logs), "CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    code, log, seconds = signal_one_rank(env, logs, rank=1)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in log, log[-3000:]
+    prompt_dir = out / "ptune"
+    assert not (prompt_dir / SUMMARY_FILE).exists() and not (prompt_dir / EMBEDDING_FILE).exists()
+    ((step, folder),) = checkpoints(prompt_dir)
+    assert 0 < step < 500 and (folder / COMPLETE_MARKER).exists()
+    # each rank says where it stopped: the same step, the checkpoint it names is the one written
+    stops = re.findall(r"Stopped by signal at step (\d+); checkpoint-(\d+) ", log)
+    assert stops == [(str(step), str(step))] * 2, log[-3000:]
+    assert seconds < 30  # well within DeepSpeed's grace before it kills the ranks
+
+
+def test_a_signal_before_the_first_ptune_step_claims_no_checkpoint(common, capsys, monkeypatch, tmp_path):  # noqa: F811
+    """SIGTERM in micro-batch 1 of step 1 (2 per step): the stage stops there, saves nothing, and says so."""
+    import signal
+
+    from preference_dpo.ptune import SoftPromptTrainer
+
+    original = SoftPromptTrainer.training_step
+
+    def signalled(self, *args, **kwargs):
+        if self.state.global_step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SoftPromptTrainer, "training_step", signalled)
+    out = tmp_path / "prompt"
+    argv = [*common, "--stage", "ptune", "--ptune_max_steps", "3", "--gradient_accumulation_steps", "2",
+            "--per_device_train_batch_size", "2", "--test_dataset_path", "", "--ptune_output_dir", str(out)]  # fmt: skip
+    code, _, log = run_main(argv, capsys, full_log=True)
+    assert code == 128 + signal.SIGTERM
+    assert "interrupted: Stopped by signal at step 0; no step had finished, nothing was saved." in log
+    assert "checkpoint was saved" not in log and not list(out.glob("checkpoint-*"))
+    assert not (out / SUMMARY_FILE).exists()
+
+
+def test_nan_ptune_loss_stops_or_is_skipped_as_in_the_dpo_stage(common, capsys, monkeypatch, tmp_path):  # noqa: F811
+    """The stage shares the DPO stage's NaN handling: from step 3 on the loss is NaN; exit 3 naming the step and the
+    last good checkpoint, or with SKIP_NONFINITE_BATCHES the batches are skipped, counted, and the prompt stays finite."""
+    import preference_dpo.ptune as ptune_module
+
+    real = ptune_module.prompt_dpo_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] >= 3 else value
+
+    monkeypatch.setattr(ptune_module, "prompt_dpo_loss", flaky)
+    steps = ["--stage", "ptune", "--ptune_max_steps", "4", "--save_steps", "2", "--test_dataset_path", ""]
+    out = tmp_path / "prompt"
+    code, errors = run_main([*common, *steps, "--ptune_output_dir", str(out)], capsys)
+    assert code == 3 and len(errors) == 1
+    assert errors[0].startswith("error: Step 3: the P-tuning loss is nan; stopped, the last good checkpoint is ")
+    assert str(out / "checkpoint-2") in errors[0] and "PTUNE_LEARNING_RATE" in errors[0]
+
+    calls["n"] = 0
+    skipped = tmp_path / "skipped"
+    argv = [*common, *steps, "--ptune_output_dir", str(skipped), "--skip_nonfinite_batches", "true"]
+    assert run_main(argv, capsys)[0] == 0
+    history = json.loads((skipped / SUMMARY_FILE).read_text())
+    assert history["global_step"] == 4
+    state = json.loads((skipped / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert [h["nonfinite_batches_skipped"] for h in state if "nonfinite_batches_skipped" in h] == [1.0, 2.0]
+    assert torch.isfinite(load_prompt(skipped)).all()

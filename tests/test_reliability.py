@@ -328,7 +328,7 @@ def test_nan_batches_can_be_skipped_and_are_counted(common, capsys, monkeypatch,
 def test_signal_callback_requests_save_and_stop():
     from transformers import TrainerControl, TrainerState
 
-    from preference_dpo.checkpoints import StopOnSignal
+    from preference_dpo.faults import StopOnSignal
 
     args, state = TrainingArgsStub(), TrainerState(global_step=2)
     stopper = StopOnSignal(signals=(signal.SIGUSR1,))
@@ -351,7 +351,7 @@ def test_copies_of_a_signal_are_one_request():
     terminal's SIGINT reached them): copies are one request. Only a lone process stops at once, and only on a
     signal that comes later than `second_signal_after_s`; ranks started by a launcher never do (the launcher
     kills them: DeepSpeed's after 30 s, fast_train.sh on a second signal)."""
-    from preference_dpo.checkpoints import StopOnSignal
+    from preference_dpo.faults import StopOnSignal
 
     for launched in (False, True):
         stopper = StopOnSignal(signals=(signal.SIGUSR1, signal.SIGUSR2), launched=launched, second_signal_after_s=1.0)

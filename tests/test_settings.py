@@ -103,6 +103,64 @@ def test_hf_home_points_a_fresh_process_at_its_cache(tmp_path, tiny_model_dir):
     assert out.returncode == 0 and out.stdout.strip() == "qwen2", out.stderr[-2000:]
 
 
+MAIN_COMMIT, PINNED_COMMIT = "0123456789abcdef0123456789abcdef01234567", "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def add_revision(cache, repo_id: str, name: str, commit: str, files_from) -> None:
+    """Another revision of `repo_id` in a fake Hub cache: refs/<name> naming snapshot <commit>, a copy of `files_from`."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs" / name).write_text(commit)
+    shutil.copytree(files_from, repo / "snapshots" / commit)
+
+
+def test_model_digest_resolves_the_revision(tmp_path, tiny_model_dir, monkeypatch):
+    """Two revisions of one Hub id are two models to the cache keys: each digest names the commit it resolves to."""
+    from huggingface_hub import constants
+
+    from preference_dpo.cache import model_digest
+
+    cache = fake_hub_cache(tmp_path / "hub", tiny_model_dir, "tiny-org/tiny-qwen")  # main: MAIN_COMMIT
+    add_revision(cache, "tiny-org/tiny-qwen", "v2", PINNED_COMMIT, tiny_model_dir)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert model_digest("tiny-org/tiny-qwen") == f"tiny-org/tiny-qwen@{MAIN_COMMIT}"
+    assert model_digest("tiny-org/tiny-qwen", "main") == f"tiny-org/tiny-qwen@{MAIN_COMMIT}"
+    assert model_digest("tiny-org/tiny-qwen", "v2") == f"tiny-org/tiny-qwen@{PINNED_COMMIT}"
+    assert model_digest("tiny-org/tiny-qwen", PINNED_COMMIT) == f"tiny-org/tiny-qwen@{PINNED_COMMIT}"
+
+
+@pytest.fixture
+def pinned_only_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """A Hub cache where `main` holds no model files (only a README) and the tag `v2` holds the tiny model: a load
+    of anything that does not pass the revision fails (offline: not in the cache)."""
+    from huggingface_hub import constants
+
+    empty = tmp_path / "empty_snapshot"
+    empty.mkdir()
+    (empty / "README.md").write_text("no model at this revision\n")
+    cache = fake_hub_cache(tmp_path / "hub", empty, "tiny-org/tiny-qwen")
+    add_revision(cache, "tiny-org/tiny-qwen", "v2", PINNED_COMMIT, tiny_model_dir)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize("stage", ["ptune", "dpo"])
+def test_model_revision_reaches_every_load_of_both_stages(pinned_only_cache, common, capsys, tmp_path, stage):
+    """--model_revision v2: the config check, the tokenizer, the weights, PEFT's tokenizer for PTUNE_INIT=text, and
+    the cache key all read v2 (any that read `main` would fail). The DPO stage runs with the cache on (its key
+    resolves the model's commit), the ptune stage records the revision in its summary."""
+    argv = list(common)
+    argv[argv.index("--model_name_or_path") + 1] = "tiny-org/tiny-qwen"
+    argv += ["--model_revision", "v2", "--stage", stage, "--cache_dir", str(tmp_path / "cache")]
+    argv += ["--ptune_max_steps", "1", "--ptune_output_dir", str(tmp_path / "prompt"), "--ptune_init", "text"]
+    code, errors = run_main(argv, capsys)
+    assert code == 0, errors
+    if stage == "ptune":
+        summary = json.loads((tmp_path / "prompt" / "prompt_embeddings.json").read_text())
+        assert summary["settings"]["model_revision"] == "v2"
+    else:
+        assert json.loads((tmp_path / "out" / "run_config.json").read_text())["model"]["model_revision"] == "v2"
+
+
 # --- LORA_TARGET_MODULES ------------------------------------------------------------------------------------
 
 
