@@ -7,6 +7,9 @@ What it relies on in TRL 1.16 (pinned; `tests/test_trl_contract.py` fails loudly
   log-probs with gradient come from TRL's own forward: no second forward with gradient.
 - `_prepare_dataset`, `_set_signature_columns_if_needed`, `compute_ref_log_probs` and the
   `self._metrics[mode]` lists that `log` averages.
+- transformers' `_get_num_items_in_batch` (the count passed to `compute_loss`, which TRL's drops) and the
+  Trainer's division of each micro-batch's loss by the accumulation steps (`DPOTrainer.loss_is_scaled_for_ga`
+  is False): `token_mean`'s divisor is built on both.
 - `DPOConfig.disable_dropout` zeroes every dropout, LoRA's included (undone for the trained adapter), and the
   fused head reads the LM-head bias, logit scale and final soft-cap from the config as `lm_head_of` does
   (`tests/test_correctness.py` checks both).
@@ -540,7 +543,43 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             per_token = chunked_rows(
                 lambda s, t: token_kl(student_logits(s), self._head_logits(teacher_lm, t)), student, teacher_hidden
             )
-        return reduce_token_kl(per_token, lengths, self.args.distill_reduction)
+        return reduce_token_kl(per_token, lengths, self.args.distill_reduction, self._token_mean_divisor(lengths))
+
+    def _token_mean_divisor(self, lengths: torch.Tensor) -> torch.Tensor | None:
+        """What `token_mean` divides one micro-batch's KL sum by: N / (G x W), N the response positions of the
+        optimizer step (all its G micro-batches, on all W ranks; `_get_num_items_in_batch`). The Trainer divides each
+        micro-batch's loss by G and the data-parallel backend averages the gradients over the W ranks, so the step's
+        loss is its KL summed over its N positions / N, however it is split (the same per-position weight as one
+        batch of all N). Evaluation, and a call outside the training loop: N is this micro-batch's positions on all
+        ranks, G = 1. The logged value, averaged over the step's micro-batches and ranks, is the step's token mean."""
+        if self.args.distill_reduction != "token_mean":
+            return None
+        ranks = self.accelerator.num_processes
+        step_tokens = getattr(self, "_step_response_tokens", None)
+        if self.model.training and step_tokens is not None:
+            micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            return step_tokens.clamp(min=1) / (micro_batches * ranks)
+        total = lengths.sum()
+        if ranks > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total.clamp(min=1) / ranks
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """`token_mean`: the response positions of one optimizer step's micro-batches on all ranks (the count that
+        transformers makes of label tokens, which DPO batches do not have); passed to `compute_loss`."""
+        if self.args.align_loss not in DISTILL_FORMS or self.args.distill_reduction != "token_mean":
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = torch.zeros((), dtype=torch.long, device=device)
+        for batch in batch_samples:
+            count += batch["completion_mask"][:, 1:].sum().to(device)  # the positions `_distill_loss` scores
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # TRL's `compute_loss` drops `num_items_in_batch`; `_token_mean_divisor` reads it
+        self._step_response_tokens = num_items_in_batch
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _check_finite(self, loss, dpo_loss, aligned):
         """Stop with an error on a NaN/Inf loss, or skip the batch with `--skip_nonfinite_batches`."""
