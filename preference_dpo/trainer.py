@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from trl import DPOTrainer
 
-from .cache import cached_columns, log_reference_pass, reference_fingerprint
+from .cache import base_weights_hash, cached_columns, log_reference_pass, make_key, reference_fingerprint
 from .checkpoints import last_complete_checkpoint, mark_complete
 from .errors import NonFiniteLossError, UserInputError
 from .losses import (
@@ -178,8 +178,11 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
     `views.PreferenceViewsCollator`. `prompt_embedding` ([k, hidden]) selects embedding mode.
     """
 
-    def __init__(self, *args, prompt_embedding: torch.Tensor | None = None, **kwargs):
+    def __init__(
+        self, *args, prompt_embedding: torch.Tensor | None = None, reference_weights: str | None = None, **kwargs
+    ):
         self.prompt_embedding = prompt_embedding
+        self.reference_weights = reference_weights  # `cache.reference_weights_key`; None: hashed in memory
         self.nonfinite_batches_skipped = 0
         config = kwargs.get("args")
         if config is not None and kwargs.get("eval_dataset") is None and config.eval_on_start:
@@ -203,7 +206,22 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             if self.eval_dataset is not None:
                 self.eval_dataset = precompute(self.eval_dataset, "eval")
 
+    def _reference_key(self, trl_columns: bool = False) -> str:
+        """What the precomputed reference values depend on besides the pairs' tokens (the data set's fingerprint,
+        the teacher store's content hash): the reference's weights (not the adapter's random initial values, which
+        TRL's `hash_module(model)` would add) and the settings that change them. TRL's columns (`trl_columns`) also
+        depend on `ld_alpha`, which weighs the response tokens past the shorter response's length."""
+        if self.reference_weights is None:
+            self.reference_weights = base_weights_hash(self._unwrapped(self.ref_model or self.model)[0])
+        # The collator cuts at max_length (truncation_mode; the views already fit, so nothing is cut today), and TRL
+        # 1.16 turns padding_free off; the batch size and pad_to_multiple_of change float rounding only.
+        settings = {name: getattr(self.args, name) for name in ("max_length", "truncation_mode", "padding_free")}
+        if trl_columns:
+            settings["ld_alpha"] = self.args.ld_alpha
+        return make_key({"weights": self.reference_weights, "settings": settings})
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        self._precompute_model_hash = self._reference_key(trl_columns=True)  # the key of TRL's cache file
         log_reference_pass(dataset, self._precompute_model_hash, name, self.accelerator.is_main_process)
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
@@ -211,13 +229,12 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         """The reference model's guided-view log-probs of every pair, once, as two new columns (`ref_hinge`);
         reused across runs from a file beside the data set, keyed like TRL's reference columns plus the soft
         prompt and the guided-forward layout."""
-        from trl.trainer.utils import hash_module
-
-        model_hash = self._precompute_model_hash or hash_module(self.ref_model or self.model)
         soft = (
             "" if self.prompt_embedding is None else hashlib.sha256(self.prompt_embedding.numpy().tobytes()).hexdigest()
         )
-        fingerprint = reference_fingerprint(dataset, model_hash, "ref_guided", soft, self.args.guided_forward)
+        fingerprint = reference_fingerprint(
+            dataset, self._reference_key(), "ref_guided", soft, self.args.guided_forward
+        )
         what = f"the reference's guided-view log-probs of the {name} pairs"
         return cached_columns(
             dataset, fingerprint, lambda: self._ref_guided_columns(dataset, name), self.accelerator, what
@@ -296,13 +313,11 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
     def _precompute_topk_teacher(self, dataset, name: str):
         """The reference's top-K guided teacher of every pair, once, as new columns (`teacher.py`)."""
         from accelerate.utils import broadcast_object_list
-        from trl.trainer.utils import hash_module
 
         from .teacher import TEACHER_DIR, precompute_columns, split_rows, store_key
 
         policy = self._precompute_policy()
-        model_hash = getattr(self, "_precompute_model_hash", None) or hash_module(self.ref_model or self.model)
-        key = [store_key(dataset, self.args.distill_top_k, model_hash, self.prompt_embedding)]
+        key = [store_key(dataset, self.args.distill_top_k, self._reference_key(), self.prompt_embedding)]
         broadcast_object_list(key, from_process=0)  # one store for all ranks
         _, teacher_lm = self._unwrapped(self._reference(policy)[0])
 

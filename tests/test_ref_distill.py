@@ -178,6 +178,11 @@ def test_teacher_store_holds_the_reference_top_k_and_resumes_after_a_kill(
     assert after["shard-00001.arrow"] != before["shard-00001.arrow"]  # the missing one, recomputed
     assert again.train_dataset[:]["teacher_chosen"] == columns
 
+    # another adapter (rank, random start) is the same reference: the whole store is reused
+    torch.manual_seed(1)
+    make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, **settings, lora_r=8)
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(store.glob("shard-*.arrow"))} == after
+
     # another K is another teacher: a new store, and the outdated one is removed
     make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, **{**settings, "distill_top_k": 4})
     (new_store,) = (tmp_path / "out" / teacher_module.TEACHER_DIR).glob("train-*")

@@ -54,7 +54,17 @@ def test_reference_cache_file_is_where_trl_keeps_it():
 
 
 def make_trainer(
-    tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft=None, ref_model=None, lora_dropout=0.0, **overrides
+    tiny_model_dir,
+    tokenizer,
+    small_data,
+    tmp_path,
+    *,
+    alpha,
+    soft=None,
+    ref_model=None,
+    lora_dropout=0.0,
+    lora_r=16,
+    **overrides,
 ):
     from transformers import AutoModelForCausalLM
     from trl import get_peft_config
@@ -76,7 +86,7 @@ def make_trainer(
         dataloader_num_workers=0,
         **overrides,
     )
-    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=lora_dropout)
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=lora_dropout, lora_r=lora_r)
     k = 0 if soft is None else soft.shape[0]
     datasets = [
         tokenize_preference_dataset(
