@@ -319,7 +319,7 @@ def test_signals_under_deepspeed_save_one_checkpoint_and_resume(tmp_path, tiny_m
         **os.environ, "DEVICE": "cpu", "CPU_RANKS": "2", "POLICY_MODEL_PATH": str(tiny_model_dir),
         "TRAIN_DATASET_PATH": str(train), "TEST_DATASET_PATH": "", "MAX_STEPS": "10", "PER_DEVICE_BATCH_SIZE": "2",
         "GRADIENT_ACCUM_STEPS": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000", "OUTPUT_DIR": str(out),
-        "LOG_DIR": str(logs), "LEARNING_RATE": "1e-2",
+        "LOG_DIR": str(logs), "LEARNING_RATE": "1e-2", "CACHE_DIR": str(tmp_path / "cache"),
     }  # fmt: skip
     steps_done = 0
     for port, sig, to_group in ((29567, signal.SIGTERM, False), (29568, signal.SIGINT, True)):
