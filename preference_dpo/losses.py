@@ -10,8 +10,8 @@ Inputs are per-pair summed log-probs of the response tokens, shape [batch]:
                  = mean(relu(h_ref_pref - h_base))                  ("ref_hinge")
     loss         = dpo_loss + alpha * aligned_loss
 
-The distillation forms compare next-token distributions at every response position t ("Aligned-loss forms
-beyond the hinge" in docs/method.md): `distill` against the policy's own instructed distribution,
+The distillation forms compare next-token distributions at every response position t ("Forms of the aligned
+loss" in docs/method.md): `distill` against the policy's own instructed distribution,
 `ref_distill` against the frozen reference's, exactly (`token_kl`) or through its top-K ids and one bucket
 for the rest of the mass (`topk_token_kl`); `reduce_token_kl` turns the per-position values into the loss.
 
@@ -96,7 +96,7 @@ def aligned_active(target: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
     """1.0 for pairs whose margin is below the target (`target > h_base`): where a hinge form pushes.
 
     `target` is h_pref for `hinge` and `distill` (`aligned_active_frac` in docs/method.md), h_ref_pref for
-    `ref_hinge`. Strict: a pair exactly at its target is not active.
+    `ref_hinge` and `ref_distill`. Strict: a pair exactly at its target is not active.
     """
     return (target.detach() > h_base.detach()).float()
 

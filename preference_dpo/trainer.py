@@ -133,7 +133,7 @@ def lm_head_of(causal_lm) -> LMHead:
     )
 
 
-def check_lm_head(causal_lm, head: LMHead) -> None:
+def check_lm_head(causal_lm, head: LMHead, align_loss: str = "distill") -> None:
     """`UserInputError` unless the model's own logits are `head.logits` of its last hidden states (a few tokens,
     eval mode, no gradient): a model that post-processes its logits in another way would get silently wrong
     log-probs wherever they are scored from hidden states."""
@@ -148,9 +148,9 @@ def check_lm_head(causal_lm, head: LMHead) -> None:
         raise UserInputError(
             f"Model {causal_lm.config.name_or_path!r} ({causal_lm.config.model_type}): its logits are not its LM head "
             f"applied to its last hidden states (largest difference {gap:.3g}). Scoring from hidden states "
-            "(ALIGN_LOSS=distill here, and TRL's fused LM head for every log-prob of the DPO loss) supports an LM-head "
-            "bias, logit scaling and final-logit soft-capping; this model post-processes its logits otherwise and is "
-            "not supported."
+            f"(ALIGN_LOSS={align_loss} here, and TRL's fused LM head for every log-prob of the DPO loss) supports "
+            "an LM-head bias, logit scaling and final-logit soft-capping; this model post-processes its logits "
+            "otherwise and is not supported."
         )
 
 
@@ -191,7 +191,7 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
         self._restore_lora_dropout()
         if self.args.align_loss in DISTILL_FORMS:  # the losses whose logits are computed from hidden states
             causal_lm = self._unwrapped(self.model)[1]
-            check_lm_head(causal_lm, lm_head_of(causal_lm))
+            check_lm_head(causal_lm, lm_head_of(causal_lm), self.args.align_loss)
         precompute = None
         if self.args.align_loss == "ref_distill" and self.args.distill_top_k:
             precompute = self._precompute_topk_teacher
