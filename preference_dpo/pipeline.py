@@ -277,12 +277,9 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         logger.warning("Skipped %d batches with a NaN/Inf loss.", trainer.nonfinite_batches_skipped)
     final_metrics: dict[str, float] = {}
     if eval_dataset is not None:
-        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})
-        if last.get("step") == trainer.state.global_step:  # the last step was just evaluated: same weights
-            final_metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
-        else:
-            evaluation_started = time.monotonic()
-            final_metrics = trainer.evaluate()
+        evaluation_started = time.monotonic()
+        final_metrics, evaluated = final_evaluation(trainer)
+        if evaluated:
             timing["final evaluation"] = time.monotonic() - evaluation_started
     tensorboard.close()
 
@@ -305,6 +302,15 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
             )
         )
     return final_metrics
+
+
+def final_evaluation(trainer) -> tuple[dict[str, float], bool]:
+    """(the trained weights' evaluation metrics, whether it ran now): the Trainer's own evaluation at the last step
+    when there was one (every eval strategy evaluates at the end of training), the same weights; else one now."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})
+    if last.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last.items() if k.startswith("eval_")}, False
+    return trainer.evaluate(), True
 
 
 def save_outputs(trainer, tokenizer, base_config, data_args, model_args, train_args, final_metrics, n_train) -> None:

@@ -31,7 +31,7 @@ from .checkpoints import StopOnSignal, checkpoints, last_complete_checkpoint, ma
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
 from .errors import NonFiniteLossError, TrainingInterrupted, UserInputError
 from .losses import preference_accuracy_and_margin, prompt_dpo_loss, prompt_sft_loss
-from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, library_versions
+from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, final_evaluation, library_versions
 from .views import insert_soft_tokens, split_views
 
 logger = logging.getLogger(__name__)
@@ -508,7 +508,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     final_metrics: dict[str, float] = {}
     comparison: dict = {}
     if eval_dataset is not None:
-        final_metrics = trainer.evaluate()
+        final_metrics, _ = final_evaluation(trainer)
         comparison = compare_prompts(trainer, eval_dataset, text_eval, collator(k), collator(0), initial_prompt)
     tensorboard.close()
 

@@ -454,3 +454,27 @@ def test_two_deepspeed_ranks_with_zero3_learn_the_same_prompt_as_one_process(tmp
     torch.testing.assert_close(prompts["zero3"], prompts["single"], rtol=1e-5, atol=1e-5)
     checkpoint = tmp_path / "zero3" / "ptune" / "checkpoint-2"
     assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < 200_000  # model: ~0.9 MB fp32
+
+
+@pytest.mark.parametrize("stage", ["dpo", "ptune"])
+def test_training_ends_with_one_evaluation(common, capsys, tmp_path, monkeypatch, stage):  # noqa: F811
+    """The Trainer evaluates at the last step (every eval strategy does); the stage reuses that result instead of
+    evaluating the same weights again."""
+    from preference_dpo.ptune import SoftPromptTrainer
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    trainer_class = SoftPromptTrainer if stage == "ptune" else PreferenceGuidedDPOTrainer
+    evaluated = []
+    original = trainer_class.evaluate
+
+    def counting(self, *args, **kwargs):
+        evaluated.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "evaluate", counting)
+    steps = ["--max_steps", "4"] if stage == "dpo" else ["--training_mode", "embedding", "--ptune_max_steps", "4"]
+    argv = [*common, "--stage", stage, *steps, "--eval_strategy", "steps", "--eval_steps", "2",
+            "--num_sample_prompts", "0", "--ptune_output_dir", str(tmp_path / "prompt")]  # fmt: skip
+    code, errors = run_main(argv, capsys)
+    assert code == 0, errors
+    assert evaluated == [0, 2, 4]
