@@ -87,6 +87,32 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """The global random generators (Python, NumPy, torch CPU and CUDA) as they were before the block.
+
+    Every iteration over a `DataLoader` without a generator draws its base seed from torch's global generator. The
+    passes before training (the reference's log-probs, its guided view, the top-K teacher) run only when the cache
+    lacks their values, so without this a run that reused the cache would start training from another random
+    state than the run that filled it: other LoRA dropout masks, and a killed run's resume would not match an
+    uninterrupted one.
+    """
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
 def input_grad_hooks_kept(causal_lm: torch.nn.Module) -> Iterator[None]:
     """Remove the input-embedding hooks that a gradient-checkpointing off/on inside the block duplicated.
 
@@ -223,7 +249,8 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         self._precompute_model_hash = self._reference_key(trl_columns=True)  # the key of TRL's cache file
         log_reference_pass(dataset, self._precompute_model_hash, name, self.accelerator.is_main_process)
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        with random_state_kept():  # a cache hit and a miss leave training the same random state
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _precompute_ref_guided_logps(self, dataset, name: str):
         """The reference model's guided-view log-probs of every pair, once, as two new columns (`ref_hinge`);
@@ -236,9 +263,10 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
             dataset, self._reference_key(), "ref_guided", soft, self.args.guided_forward
         )
         what = f"the reference's guided-view log-probs of the {name} pairs"
-        return cached_columns(
-            dataset, fingerprint, lambda: self._ref_guided_columns(dataset, name), self.accelerator, what
-        )
+        with random_state_kept():
+            return cached_columns(
+                dataset, fingerprint, lambda: self._ref_guided_columns(dataset, name), self.accelerator, what
+            )
 
     def _ref_guided_columns(self, dataset, name: str) -> dict[str, list[float]]:
         from torch.utils.data import DataLoader
@@ -338,11 +366,12 @@ class PreferenceGuidedDPOTrainer(DPOTrainer):
 
         was_training = self.model.training
         self.model.eval()
-        dataset = precompute_columns(
-            dataset, name=name, folder=os.path.join(self.args.output_dir, TEACHER_DIR), key=key[0],
-            batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size, score=score,
-            accelerator=self.accelerator,
-        )  # fmt: skip
+        with random_state_kept():
+            dataset = precompute_columns(
+                dataset, name=name, folder=os.path.join(self.args.output_dir, TEACHER_DIR), key=key[0],
+                batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size, score=score,
+                accelerator=self.accelerator,
+            )  # fmt: skip
         self.model.train(was_training)
         logger.info(
             "Top-%d teacher of the reference for %d %s pairs ready", self.args.distill_top_k, len(dataset), name
