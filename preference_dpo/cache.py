@@ -8,16 +8,17 @@ data) come out the same. This module owns what they are keyed on, and nothing el
   elsewhere reuses the entry, and the test split's entry does not depend on the train file), every other
   data setting, the tokenizer (its saved files), the tokenization settings (instruction text and
   position, number of soft tokens, length limits), the split, this package's source and the versions of
-  the libraries involved, and the models' files and precision (`model_digest`: the tokens do not depend
-  on them, but the reference columns stored beside the tokens do, see below);
-- columns precomputed on a tokenized data set, `reference_fingerprint`: that data set's key plus a hash
-  of the in-memory weights of the model that computes them (the reference: the policy with its adapter
-  disabled, or `REFERENCE_MODEL_PATH`'s model) and whatever else the caller names (the soft prompt's
-  values for the guided view). TRL's own reference precompute uses the same formula (dataset
-  fingerprint, model hash) and keeps its file next to the data set, so a cached data set carries its
-  reference log-probs with it. The in-memory hash alone is not enough: under ZeRO-3 the weights are
-  already sharded when TRL hashes them, and every model of one shape hashes alike; the model files in
-  the data set's key are what tells two models apart there.
+  the libraries involved. The entry keeps the counts of dropped and truncated pairs, logged again on reuse;
+- columns precomputed on a tokenized data set, `reference_fingerprint`: that data set's key plus the
+  trainer's reference key and whatever else the caller names (the soft prompt's values for the guided
+  view). The reference key (`PreferenceGuidedDPOTrainer._reference_key`) is the reference's weights,
+  `reference_weights_key` (the files of `REFERENCE_MODEL_PATH`'s model, or of the base model whose adapter is
+  turned off, and the precision; `model_digest`), plus the TRL settings that change the values (`ld_alpha`,
+  `max_length`, ...). Not the adapter: TRL's own `hash_module(model)` includes its random initial values,
+  so SEED or LORA_R would recompute the reference; and not the in-memory weights, which ZeRO-3 has already
+  sharded. TRL's own reference precompute uses the same formula (dataset fingerprint, model hash; the
+  trainer hands it the reference key) and keeps its file next to the data set, so a cached data set
+  carries its reference log-probs with it. The teacher store (`teacher.py`) is keyed on the same key.
 
 None of BETA, ALPHA, the learning rate or the steps is in any key: nothing cached depends on them.
 The batch size and device of the reference pass are not either: they change float rounding only.
@@ -49,6 +50,7 @@ FORMAT = 1  # bump when what an entry holds changes incompatibly
 PACKAGE_DIR = Path(__file__).resolve().parent
 KEY_LIBRARIES = ("datasets", "tokenizers", "transformers", "trl", "torch")
 META_NAME = "preference_dpo_meta.json"
+MODEL_DIGESTS_DIR = "model_digests"  # under cache_dir: a model folder's content digest, keyed on its metadata
 
 
 def digest_path(path: str | os.PathLike) -> str:
@@ -84,14 +86,36 @@ def tokenizer_digest(tokenizer) -> str:
         return digest_path(folder)
 
 
-def model_digest(path: str, revision: str | None = None) -> str:
+def model_digest(path: str, revision: str | None = None, *, stamps: Path | None = None) -> str:
     """A model's identity: the content of its folder's files, or a Hub model's commit that `revision` (a branch, tag
-    or commit; None: `main`) resolves to, as the loads of its files resolve it."""
+    or commit; None: `main`) resolves to, as the loads of its files resolve it.
+
+    Reading a large model's files takes a while (~9 s for 15 GB at 1.75 GB/s), so a folder's content digest is
+    kept in `stamps/`, keyed on the folder's path and its files' names, sizes and modification times, and read
+    from there while none of them changes (a copy elsewhere is hashed once and gets the same digest). Without
+    `stamps` (CACHE=false: nothing is kept) a folder's identity is that metadata alone.
+    """
     if os.path.isdir(path):
+        files = sorted(p for p in Path(path).iterdir() if p.is_file())  # what from_pretrained reads
+        metadata = make_key(
+            {
+                "path": str(Path(path).resolve()),
+                "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+            }
+        )
+        if stamps is None:
+            return f"files:{metadata}"
+        stamp = stamps / f"{metadata}.json"
+        if stamp.is_file():
+            return json.loads(stamp.read_text(encoding="utf-8"))["digest"]
         digest = hashlib.sha256()
-        for file in sorted(p for p in Path(path).iterdir() if p.is_file()):  # what from_pretrained reads
+        for file in files:
             digest.update(file.name.encode())
             digest.update(digest_path(file).encode())
+        stamps.mkdir(parents=True, exist_ok=True)
+        partial = stamp.with_name(f".{stamp.name}.{uuid.uuid4().hex[:8]}.partial")
+        partial.write_text(json.dumps({"path": str(path), "digest": digest.hexdigest()}) + "\n", encoding="utf-8")
+        os.replace(partial, stamp)
         return digest.hexdigest()
     from transformers.utils import cached_file
     from transformers.utils.hub import extract_commit_hash
@@ -105,14 +129,59 @@ def make_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def reference_weights_key(
+    model_path: str, reference_path: str | None, precision, stamps: Path | None, revision: str | None = None
+) -> str:
+    """The frozen reference's weights: `reference_path`'s model, or else the base model at `model_path` and its
+    `revision` (the policy with its adapter off, or before training), in `precision`. Not the adapter: its random
+    initial values (SEED, LORA_R, ...) never reach the reference."""
+    digest = (
+        model_digest(reference_path, stamps=stamps)
+        if reference_path
+        else model_digest(model_path, revision, stamps=stamps)
+    )
+    return make_key({"model": digest, "precision": precision})
+
+
+def base_weights_hash(model) -> str:
+    """TRL's `hash_module` of `model` without its adapters: what the reference (the adapter off) computes with,
+    for a trainer built without `reference_weights_key` (the pipeline always gives one). PEFT's wrapping is taken
+    off the names, so the LoRA target modules do not change it."""
+    import torch
+
+    adapters = set(getattr(model, "peft_config", None) or ())
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if adapters & set(name.split(".")):  # lora_A.default.weight, modules_to_save.default.weight, ...
+            continue
+        h.update(name.removeprefix("base_model.model.").replace(".base_layer", "").encode())
+        tensor = tensor.detach().cpu()
+        h.update(str(tensor.dtype).encode())
+        if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):  # no numpy type
+            tensor = tensor.to(torch.float32)
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()
+
+
+def on_main_process(compute: Callable[[], Any], train_args) -> Any:
+    """`compute()` run by the main process alone, its result sent to every rank (a model's digest is read from
+    its files once per run, not once per rank)."""
+    if train_args.world_size == 1:
+        return compute()
+    from accelerate.utils import broadcast_object_list
+
+    value = [compute() if train_args.process_index == 0 else None]
+    broadcast_object_list(value, from_process=0)
+    return value[0]
+
+
 # Where the data files are is not what they hold, which "data" keys: without their paths in the key, a copy of a
 # file elsewhere reuses its entries, and the test split's entry does not change with TRAIN_DATASET_PATH.
 DATA_PATH_FIELDS = ("train_dataset_path", "test_dataset_path")
 
 
-def tokenized_key(split: str, data_path: str, data_args, tokenizer, settings: dict[str, Any], models: dict) -> str:
-    """The key of one split's tokenized views (see the module docstring for what it covers); `models` names
-    the policy and reference models (`model_digest`) and the precision."""
+def tokenized_key(split: str, data_path: str, data_args, tokenizer, settings: dict[str, Any]) -> str:
+    """The key of one split's tokenized views (see the module docstring for what it covers)."""
     data_settings = {k: v for k, v in dataclasses.asdict(data_args).items() if k not in DATA_PATH_FIELDS}
     return make_key(
         {
@@ -122,7 +191,6 @@ def tokenized_key(split: str, data_path: str, data_args, tokenizer, settings: di
             "data_args": data_settings,
             "tokenizer": tokenizer_digest(tokenizer),
             "settings": settings,
-            "models": models,
             "source": source_digest(),
             "versions": {name: version(name) for name in KEY_LIBRARIES},
         }

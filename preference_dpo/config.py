@@ -207,7 +207,7 @@ class PreferenceDPOConfig(DPOConfig):
         default="token_mean",
         metadata={
             "help": "ALIGN_LOSS=distill or ref_distill: `token_mean` averages the KL over every response position of "
-            "the batch; `sequence_sum` sums it over each response, then averages over responses (DPO's scale).",
+            "the optimizer step (all accumulation steps and ranks); `sequence_sum` sums it over each response, then averages over responses (DPO's scale).",
             "choices": list(DISTILL_REDUCTIONS),
         },
     )

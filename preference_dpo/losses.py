@@ -10,8 +10,8 @@ Inputs are per-pair summed log-probs of the response tokens, shape [batch]:
                  = mean(relu(h_ref_pref - h_base))                  ("ref_hinge")
     loss         = dpo_loss + alpha * aligned_loss
 
-The distillation forms compare next-token distributions at every response position t ("Aligned-loss forms
-beyond the hinge" in docs/method.md): `distill` against the policy's own instructed distribution,
+The distillation forms compare next-token distributions at every response position t ("Forms of the aligned
+loss" in docs/method.md): `distill` against the policy's own instructed distribution,
 `ref_distill` against the frozen reference's, exactly (`token_kl`) or through its top-K ids and one bucket
 for the rest of the mass (`topk_token_kl`); `reduce_token_kl` turns the per-position values into the loss.
 
@@ -96,7 +96,7 @@ def aligned_active(target: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
     """1.0 for pairs whose margin is below the target (`target > h_base`): where a hinge form pushes.
 
     `target` is h_pref for `hinge` and `distill` (`aligned_active_frac` in docs/method.md), h_ref_pref for
-    `ref_hinge`. Strict: a pair exactly at its target is not active.
+    `ref_hinge` and `ref_distill`. Strict: a pair exactly at its target is not active.
     """
     return (target.detach() > h_base.detach()).float()
 
@@ -192,15 +192,20 @@ def topk_token_kl(
 DISTILL_REDUCTIONS = ("token_mean", "sequence_sum")
 
 
-def reduce_token_kl(per_token: torch.Tensor, lengths: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_token_kl(
+    per_token: torch.Tensor, lengths: torch.Tensor, reduction: str, num_tokens: float | torch.Tensor | None = None
+) -> torch.Tensor:
     """The distillation loss from the KL at every response position (rows: response after response).
 
-    `token_mean`: the mean over all positions of the batch. `sequence_sum`: each response's sum, then the mean
-    over the responses (`lengths`: positions per response; an empty response counts as 0), the scale of DPO's
-    summed log-probs, so a trait decided at one token is not divided by the response length.
+    `token_mean`: the sum over all positions divided by `num_tokens` (default: the batch's positions, the mean).
+    The trainer passes the optimizer step's positions on all ranks over its micro-batches x ranks, so that the
+    average of the micro-batches' losses, as the Trainer and the data-parallel backend take it, is the step's
+    token mean (transformers' `num_items_in_batch`). `sequence_sum`: each response's sum, then the mean over the
+    responses (`lengths`: positions per response; an empty response counts as 0), the scale of DPO's summed
+    log-probs, so a trait decided at one token is not divided by the response length.
     """
     if reduction == "token_mean":
-        return per_token.sum() / max(per_token.numel(), 1)
+        return per_token.sum() / (max(per_token.numel(), 1) if num_tokens is None else num_tokens)
     if reduction == "sequence_sum":
         response = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
         sums = per_token.new_zeros(lengths.numel()).index_add(0, response, per_token)

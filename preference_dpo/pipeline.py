@@ -27,31 +27,37 @@ STAGING_DIR = ".final_outputs_incomplete"
 TOKENIZED_DIR = ".tokenized"
 
 
-def tokenized_views(
-    split: str, path: str, raw, data_args, tokenizer, tokenize_kwargs: dict, train_args, cache, models: dict
-):
-    """One split's tokenized views of the loaded pairs `raw` and their meta (pairs loaded, sample prompts),
-    reused from `cache` if there; `models` is what the reference columns stored with them depend on.
+def tokenized_views(split: str, path: str, raw, data_args, tokenizer, tokenize_kwargs: dict, train_args, cache):
+    """One split's tokenized views of the loaded pairs `raw` and their meta (pairs loaded, the counts of dropped
+    and truncated pairs, sample prompts), reused from `cache` if there (and the counts logged again).
 
     The data set is file-backed either way (the cache entry, or `OUTPUT_DIR/.tokenized` with the cache
     off) and memory-mapped by every rank: TRL's reference precompute keeps its results next to the data
     set's files, and an in-memory data set would give each process a private folder, where every rank
     but 0 fails to find rank 0's results.
     """
+    from . import views
     from .cache import tokenized_key
     from .report import MAX_SAMPLE_PROMPTS, pick_sample_prompts
-    from .views import tokenize_preference_dataset
+
+    built = []
 
     def build():
-        dataset = tokenize_preference_dataset(raw, tokenizer, name=split, **tokenize_kwargs)
-        meta = {"loaded": len(raw)}
+        dataset, counts = views.tokenize_preference_dataset(
+            raw, tokenizer, name=split, return_counts=True, **tokenize_kwargs
+        )
+        built.append(split)
+        meta = {"loaded": len(raw), "counts": counts}
         if split == "test":
             meta["sample_prompts"] = pick_sample_prompts(raw, MAX_SAMPLE_PROMPTS)
         return dataset, meta
 
     settings = {k: v for k, v in tokenize_kwargs.items() if k != "num_proc"}
-    key = tokenized_key(split, path, data_args, tokenizer, settings, models)
-    return cache.tokenized(split, key, build, train_args)
+    key = tokenized_key(split, path, data_args, tokenizer, settings)
+    dataset, meta = cache.tokenized(split, key, build, train_args)
+    if not built and train_args.process_index == 0 and "counts" in meta:
+        views.log_pair_counts(meta["counts"])  # reused: the counts of when it was tokenized, again
+    return dataset, meta
 
 
 def check_causal_lm(path: str, flag: str, trust_remote_code: bool, revision: str | None = None):
@@ -131,7 +137,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from trl import get_peft_config
 
     from . import report
-    from .cache import DatasetCache, model_digest
+    from .cache import MODEL_DIGESTS_DIR, DatasetCache, on_main_process, reference_weights_key
     from .data import load_train_and_test
     from .metrics import TensorBoardMetricsCallback, ThroughputCallback
     from .trainer import PreferenceGuidedDPOTrainer
@@ -172,15 +178,14 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     }
     train_pairs, test_pairs = load_train_and_test(data_args)
     cache = DatasetCache(Path(train_args.cache_dir), train_args.cache, Path(train_args.output_dir) / TOKENIZED_DIR)
-    models = {}  # the reference columns stored with the tokens depend on these (see cache.py)
-    if train_args.cache:
-        reference = model_args.reference_model_path
-        models = {
-            "policy": model_digest(model_args.model_name_or_path, revision),
-            "reference": model_digest(reference) if reference else None,
-            "precision": (train_args.bf16, train_args.fp16),
-        }
-    views = (data_args, tokenizer, tokenize_kwargs, train_args, cache, models)
+    stamps = Path(train_args.cache_dir) / MODEL_DIGESTS_DIR if train_args.cache else None
+    reference_weights = on_main_process(
+        lambda: reference_weights_key(
+            model_path, model_args.reference_model_path, (train_args.bf16, train_args.fp16), stamps, revision
+        ),
+        train_args,
+    )  # what the precomputed reference values are keyed on (with the tokens and the settings that change them)
+    views = (data_args, tokenizer, tokenize_kwargs, train_args, cache)
     train_dataset, _ = tokenized_views("train", data_args.train_dataset_path, train_pairs, *views)
     eval_dataset, test_meta = None, {}
     if test_pairs is not None:
@@ -234,6 +239,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         # samples first: they run after each evaluation and before the throughput clock restarts
         callbacks=[samples, throughput, tensorboard, stopper],
         prompt_embedding=prompt_embedding,
+        reference_weights=reference_weights,
     )
     report.use_one_progress_bar(trainer)
     train_started = time.monotonic()
@@ -245,12 +251,9 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     end_if_stopped(trainer, stopper, train_args.output_dir, before_stop=tensorboard.close)
     final_metrics: dict[str, float] = {}
     if eval_dataset is not None:
-        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})
-        if last.get("step") == trainer.state.global_step:  # the last step was just evaluated: same weights
-            final_metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
-        else:
-            evaluation_started = time.monotonic()
-            final_metrics = trainer.evaluate()
+        evaluation_started = time.monotonic()
+        final_metrics, evaluated = final_evaluation(trainer)
+        if evaluated:
             timing["final evaluation"] = time.monotonic() - evaluation_started
     tensorboard.close()
 
@@ -273,6 +276,15 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
             )
         )
     return final_metrics
+
+
+def final_evaluation(trainer) -> tuple[dict[str, float], bool]:
+    """(the trained weights' evaluation metrics, whether it ran now): the Trainer's own evaluation at the last step
+    when there was one (every eval strategy evaluates at the end of training), the same weights; else one now."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})
+    if last.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last.items() if k.startswith("eval_")}, False
+    return trainer.evaluate(), True
 
 
 def save_outputs(trainer, tokenizer, base_config, data_args, model_args, train_args, final_metrics, n_train) -> None:

@@ -32,7 +32,7 @@ from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
 from .errors import UserInputError
 from .faults import FaultTolerantTrainer, end_if_stopped, starting_checkpoint, stop_on_signal, train
 from .losses import preference_accuracy_and_margin, prompt_dpo_loss, prompt_sft_loss
-from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, library_versions
+from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, final_evaluation, library_versions
 from .views import insert_soft_tokens, split_views
 
 logger = logging.getLogger(__name__)
@@ -484,7 +484,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     final_metrics: dict[str, float] = {}
     comparison: dict = {}
     if eval_dataset is not None:
-        final_metrics = trainer.evaluate()
+        final_metrics, _ = final_evaluation(trainer)
         comparison = compare_prompts(trainer, eval_dataset, text_eval, collator(k), collator(0), initial_prompt)
     tensorboard.close()
 

@@ -7,6 +7,9 @@ What it relies on in TRL 1.16 (pinned; `tests/test_trl_contract.py` fails loudly
   log-probs with gradient come from TRL's own forward: no second forward with gradient.
 - `_prepare_dataset`, `_set_signature_columns_if_needed`, `compute_ref_log_probs` and the
   `self._metrics[mode]` lists that `log` averages.
+- transformers' `_get_num_items_in_batch` (the count passed to `compute_loss`, which TRL's drops) and the
+  Trainer's division of each micro-batch's loss by the accumulation steps (`DPOTrainer.loss_is_scaled_for_ga`
+  is False): `token_mean`'s divisor is built on both.
 - `DPOConfig.disable_dropout` zeroes every dropout, LoRA's included (undone for the trained adapter), and the
   fused head reads the LM-head bias, logit scale and final soft-cap from the config as `lm_head_of` does
   (`tests/test_correctness.py` checks both).
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 from trl import DPOTrainer
 
-from .cache import cached_columns, log_reference_pass, reference_fingerprint
+from .cache import base_weights_hash, cached_columns, log_reference_pass, make_key, reference_fingerprint
 from .errors import UserInputError
 from .faults import FaultTolerantTrainer
 from .losses import (
@@ -84,6 +87,32 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """The global random generators (Python, NumPy, torch CPU and CUDA) as they were before the block.
+
+    Every iteration over a `DataLoader` without a generator draws its base seed from torch's global generator. The
+    passes before training (the reference's log-probs, its guided view, the top-K teacher) run only when the cache
+    lacks their values, so without this a run that reused the cache would start training from another random
+    state than the run that filled it: other LoRA dropout masks, and a killed run's resume would not match an
+    uninterrupted one.
+    """
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
 def input_grad_hooks_kept(causal_lm: torch.nn.Module) -> Iterator[None]:
     """Remove the input-embedding hooks that a gradient-checkpointing off/on inside the block duplicated.
 
@@ -130,7 +159,7 @@ def lm_head_of(causal_lm) -> LMHead:
     )
 
 
-def check_lm_head(causal_lm, head: LMHead) -> None:
+def check_lm_head(causal_lm, head: LMHead, align_loss: str = "distill") -> None:
     """`UserInputError` unless the model's own logits are `head.logits` of its last hidden states (a few tokens,
     eval mode, no gradient): a model that post-processes its logits in another way would get silently wrong
     log-probs wherever they are scored from hidden states."""
@@ -145,9 +174,9 @@ def check_lm_head(causal_lm, head: LMHead) -> None:
         raise UserInputError(
             f"Model {causal_lm.config.name_or_path!r} ({causal_lm.config.model_type}): its logits are not its LM head "
             f"applied to its last hidden states (largest difference {gap:.3g}). Scoring from hidden states "
-            "(ALIGN_LOSS=distill here, and TRL's fused LM head for every log-prob of the DPO loss) supports an LM-head "
-            "bias, logit scaling and final-logit soft-capping; this model post-processes its logits otherwise and is "
-            "not supported."
+            f"(ALIGN_LOSS={align_loss} here, and TRL's fused LM head for every log-prob of the DPO loss) supports "
+            "an LM-head bias, logit scaling and final-logit soft-capping; this model post-processes its logits "
+            "otherwise and is not supported."
         )
 
 
@@ -175,8 +204,11 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
     `views.PreferenceViewsCollator`. `prompt_embedding` ([k, hidden]) selects embedding mode.
     """
 
-    def __init__(self, *args, prompt_embedding: torch.Tensor | None = None, **kwargs):
+    def __init__(
+        self, *args, prompt_embedding: torch.Tensor | None = None, reference_weights: str | None = None, **kwargs
+    ):
         self.prompt_embedding = prompt_embedding
+        self.reference_weights = reference_weights  # `cache.reference_weights_key`; None: hashed in memory
         config = kwargs.get("args")
         if config is not None and kwargs.get("eval_dataset") is None and config.eval_on_start:
             config.eval_on_start = False  # our default evaluates before training; without a test set there is none
@@ -184,7 +216,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         self._restore_lora_dropout()
         if self.args.align_loss in DISTILL_FORMS:  # the losses whose logits are computed from hidden states
             causal_lm = self._unwrapped(self.model)[1]
-            check_lm_head(causal_lm, lm_head_of(causal_lm))
+            check_lm_head(causal_lm, lm_head_of(causal_lm), self.args.align_loss)
         precompute = None
         if self.args.align_loss == "ref_distill" and self.args.distill_top_k:
             precompute = self._precompute_topk_teacher
@@ -199,25 +231,41 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             if self.eval_dataset is not None:
                 self.eval_dataset = precompute(self.eval_dataset, "eval")
 
+    def _reference_key(self, trl_columns: bool = False) -> str:
+        """What the precomputed reference values depend on besides the pairs' tokens (the data set's fingerprint,
+        the teacher store's content hash): the reference's weights (not the adapter's random initial values, which
+        TRL's `hash_module(model)` would add) and the settings that change them. TRL's columns (`trl_columns`) also
+        depend on `ld_alpha`, which weighs the response tokens past the shorter response's length."""
+        if self.reference_weights is None:
+            self.reference_weights = base_weights_hash(self._unwrapped(self.ref_model or self.model)[0])
+        # The collator cuts at max_length (truncation_mode; the views already fit, so nothing is cut today), and TRL
+        # 1.16 turns padding_free off; the batch size and pad_to_multiple_of change float rounding only.
+        settings = {name: getattr(self.args, name) for name in ("max_length", "truncation_mode", "padding_free")}
+        if trl_columns:
+            settings["ld_alpha"] = self.args.ld_alpha
+        return make_key({"weights": self.reference_weights, "settings": settings})
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        self._precompute_model_hash = self._reference_key(trl_columns=True)  # the key of TRL's cache file
         log_reference_pass(dataset, self._precompute_model_hash, name, self.accelerator.is_main_process)
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        with random_state_kept():  # a cache hit and a miss leave training the same random state
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _precompute_ref_guided_logps(self, dataset, name: str):
         """The reference model's guided-view log-probs of every pair, once, as two new columns (`ref_hinge`);
         reused across runs from a file beside the data set, keyed like TRL's reference columns plus the soft
         prompt and the guided-forward layout."""
-        from trl.trainer.utils import hash_module
-
-        model_hash = self._precompute_model_hash or hash_module(self.ref_model or self.model)
         soft = (
             "" if self.prompt_embedding is None else hashlib.sha256(self.prompt_embedding.numpy().tobytes()).hexdigest()
         )
-        fingerprint = reference_fingerprint(dataset, model_hash, "ref_guided", soft, self.args.guided_forward)
-        what = f"the reference's guided-view log-probs of the {name} pairs"
-        return cached_columns(
-            dataset, fingerprint, lambda: self._ref_guided_columns(dataset, name), self.accelerator, what
+        fingerprint = reference_fingerprint(
+            dataset, self._reference_key(), "ref_guided", soft, self.args.guided_forward
         )
+        what = f"the reference's guided-view log-probs of the {name} pairs"
+        with random_state_kept():
+            return cached_columns(
+                dataset, fingerprint, lambda: self._ref_guided_columns(dataset, name), self.accelerator, what
+            )
 
     def _ref_guided_columns(self, dataset, name: str) -> dict[str, list[float]]:
         from torch.utils.data import DataLoader
@@ -292,13 +340,11 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
     def _precompute_topk_teacher(self, dataset, name: str):
         """The reference's top-K guided teacher of every pair, once, as new columns (`teacher.py`)."""
         from accelerate.utils import broadcast_object_list
-        from trl.trainer.utils import hash_module
 
         from .teacher import TEACHER_DIR, precompute_columns, split_rows, store_key
 
         policy = self._precompute_policy()
-        model_hash = getattr(self, "_precompute_model_hash", None) or hash_module(self.ref_model or self.model)
-        key = [store_key(dataset, self.args.distill_top_k, model_hash, self.prompt_embedding)]
+        key = [store_key(dataset, self.args.distill_top_k, self._reference_key(), self.prompt_embedding)]
         broadcast_object_list(key, from_process=0)  # one store for all ranks
         _, teacher_lm = self._unwrapped(self._reference(policy)[0])
 
@@ -319,11 +365,12 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
 
         was_training = self.model.training
         self.model.eval()
-        dataset = precompute_columns(
-            dataset, name=name, folder=os.path.join(self.args.output_dir, TEACHER_DIR), key=key[0],
-            batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size, score=score,
-            accelerator=self.accelerator,
-        )  # fmt: skip
+        with random_state_kept():
+            dataset = precompute_columns(
+                dataset, name=name, folder=os.path.join(self.args.output_dir, TEACHER_DIR), key=key[0],
+                batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size, score=score,
+                accelerator=self.accelerator,
+            )  # fmt: skip
         self.model.train(was_training)
         logger.info(
             "Top-%d teacher of the reference for %d %s pairs ready", self.args.distill_top_k, len(dataset), name
@@ -532,7 +579,43 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             per_token = chunked_rows(
                 lambda s, t: token_kl(student_logits(s), self._head_logits(teacher_lm, t)), student, teacher_hidden
             )
-        return reduce_token_kl(per_token, lengths, self.args.distill_reduction)
+        return reduce_token_kl(per_token, lengths, self.args.distill_reduction, self._token_mean_divisor(lengths))
+
+    def _token_mean_divisor(self, lengths: torch.Tensor) -> torch.Tensor | None:
+        """What `token_mean` divides one micro-batch's KL sum by: N / (G x W), N the response positions of the
+        optimizer step (all its G micro-batches, on all W ranks; `_get_num_items_in_batch`). The Trainer divides each
+        micro-batch's loss by G and the data-parallel backend averages the gradients over the W ranks, so the step's
+        loss is its KL summed over its N positions / N, however it is split (the same per-position weight as one
+        batch of all N). Evaluation, and a call outside the training loop: N is this micro-batch's positions on all
+        ranks, G = 1. The logged value, averaged over the step's micro-batches and ranks, is the step's token mean."""
+        if self.args.distill_reduction != "token_mean":
+            return None
+        ranks = self.accelerator.num_processes
+        step_tokens = getattr(self, "_step_response_tokens", None)
+        if self.model.training and step_tokens is not None:
+            micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            return step_tokens.clamp(min=1) / (micro_batches * ranks)
+        total = lengths.sum()
+        if ranks > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total.clamp(min=1) / ranks
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """`token_mean`: the response positions of one optimizer step's micro-batches on all ranks (the count that
+        transformers makes of label tokens, which DPO batches do not have); passed to `compute_loss`."""
+        if self.args.align_loss not in DISTILL_FORMS or self.args.distill_reduction != "token_mean":
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = torch.zeros((), dtype=torch.long, device=device)
+        for batch in batch_samples:
+            count += batch["completion_mask"][:, 1:].sum().to(device)  # the positions `_distill_loss` scores
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # TRL's `compute_loss` drops `num_items_in_batch`; `_token_mean_divisor` reads it
+        self._step_response_tokens = num_items_in_batch
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _check_finite(self, loss, dpo_loss, aligned):
         """The loss, a skipped batch's zero, or `NonFiniteLossError` naming its parts (`faults.FaultTolerantTrainer`)."""

@@ -233,12 +233,15 @@ def tokenize_preference_dataset(
     max_length: int,
     max_prompt_length: int,
     num_proc: int | None = None,
+    return_counts: bool = False,
 ):
     """Tokenize both views of every pair and drop pairs whose guided prompt exceeds `max_prompt_length`, and
     pairs whose response ids differ between the two views (`tokenize_views`' `views_match`).
 
     The limit applies to the guided prompt (the longer one) so that runs with and without the aligned loss
-    see the same pairs. Raises `UserInputError` if no pair is left.
+    see the same pairs. Raises `UserInputError` if no pair is left. The counts of dropped and truncated pairs
+    are logged (`log_pair_counts`) and, with `return_counts`, returned too: `(dataset, counts)`, so that a
+    cached data set can state them again.
     """
     if num_soft_tokens >= max_prompt_length:
         raise UserInputError(
@@ -248,17 +251,10 @@ def tokenize_preference_dataset(
     conversational = isinstance(dataset[0]["prompt"], list)
     in_system = conversational and not num_soft_tokens and preference_position == "system"
     default_system = template_default_system(tokenizer) if in_system else ""
+    counts = {"name": name, "pairs": len(dataset), "max_length": max_length, "max_prompt_length": max_prompt_length}
     if default_system:
         # Only prompts without a system message of their own get the default one (see insert_instruction).
-        n_default = sum(not (prompt and prompt[0]["role"] == "system") for prompt in dataset["prompt"])
-        if n_default:
-            logger.info(
-                "The chat template's default system message is kept in %d of %d %s prompts (those without a system "
-                "message of their own); the instruction is appended to it.",
-                n_default,
-                len(dataset),
-                name,
-            )
+        counts["default_system"] = sum(not (prompt and prompt[0]["role"] == "system") for prompt in dataset["prompt"])
     tokenized = dataset.map(
         tokenize_views,
         fn_kwargs={
@@ -282,14 +278,8 @@ def tokenize_preference_dataset(
             "once the instruction is in), so the two views cannot score the same tokens; try PREFERENCE_POSITION="
             f"{'user' if preference_position == 'system' else 'system'} or TRAINING_MODE=embedding."
         )
+    counts["mismatched"] = mismatched
     if mismatched:
-        logger.warning(
-            "Dropped %d of %d %s pairs whose response tokens differ between the prompt with the instruction and the "
-            "prompt without it (the two views must score the same tokens).",
-            mismatched,
-            total,
-            name,
-        )
         tokenized = tokenized.filter(lambda ex: ex["views_match"], num_proc=num_proc)
         total = len(tokenized)
     tokenized = tokenized.remove_columns("views_match")
@@ -298,7 +288,6 @@ def tokenize_preference_dataset(
         num_proc=num_proc,
         desc=f"Dropping {name} pairs over MAX_PROMPT_LENGTH",
     )
-    dropped = total - len(kept)
     if len(kept) == 0:
         longest = max(len(ids) for ids in tokenized["guided_prompt_ids"])
         raise UserInputError(
@@ -306,24 +295,48 @@ def tokenize_preference_dataset(
             f"MAX_PROMPT_LENGTH (--max_prompt_length) = {max_prompt_length} tokens (longest: {longest}); raise "
             "MAX_PROMPT_LENGTH (and MAX_LENGTH) or shorten the instruction."
         )
-    if dropped:
+    counts.update(over_prompt_length=total - len(kept), truncated=sum(kept["truncated"]), kept=len(kept))
+    log_pair_counts(counts)
+    kept = kept.remove_columns("truncated")
+    return (kept, counts) if return_counts else kept
+
+
+def log_pair_counts(counts: dict[str, Any]) -> None:
+    """Say how many pairs of a split tokenization dropped or truncated (`tokenize_preference_dataset`'s counts):
+    when the split is tokenized, and again when its tokenized views are reused from the cache."""
+    name, pairs = counts["name"], counts["pairs"]
+    if counts.get("default_system"):
+        logger.info(
+            "The chat template's default system message is kept in %d of %d %s prompts (those without a system "
+            "message of their own); the instruction is appended to it.",
+            counts["default_system"],
+            pairs,
+            name,
+        )
+    if counts["mismatched"]:
+        logger.warning(
+            "Dropped %d of %d %s pairs whose response tokens differ between the prompt with the instruction and the "
+            "prompt without it (the two views must score the same tokens).",
+            counts["mismatched"],
+            pairs,
+            name,
+        )
+    if counts["over_prompt_length"]:
         logger.warning(
             "Dropped %d of %d %s pairs whose prompt with the instruction exceeds MAX_PROMPT_LENGTH=%d tokens.",
-            dropped,
-            total,
+            counts["over_prompt_length"],
+            pairs - counts["mismatched"],
             name,
-            max_prompt_length,
+            counts["max_prompt_length"],
         )
-    n_truncated = sum(kept["truncated"])
-    if n_truncated:
+    if counts["truncated"]:
         logger.info(
             "Truncated the responses of %d of %d %s pairs to fit MAX_LENGTH=%d (both views keep the same tokens).",
-            n_truncated,
-            len(kept),
+            counts["truncated"],
+            counts["kept"],
             name,
-            max_length,
+            counts["max_length"],
         )
-    return kept.remove_columns("truncated")
 
 
 # --- batching ---------------------------------------------------------------------------------------

@@ -30,9 +30,8 @@ def train_args(tmp_path, **overrides):
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
-        seed=0,
         dataloader_num_workers=0,
-        **overrides,
+        **{"seed": 0, **overrides},
     )
 
 
@@ -59,7 +58,7 @@ def builds(monkeypatch):
     return calls
 
 
-def views_of(tmp_path, data, tokenizer, cache_root, split="train", text=P, models=None, **overrides):
+def views_of(tmp_path, data, tokenizer, cache_root, split="train", text=P, **overrides):
     args = train_args(tmp_path, **overrides)
     settings = {
         "preference_text": text,
@@ -72,7 +71,7 @@ def views_of(tmp_path, data, tokenizer, cache_root, split="train", text=P, model
     cache = DatasetCache(cache_root, args.cache, tmp_path / "out" / ".tokenized")
     path = data.train_dataset_path if split == "train" else data.test_dataset_path
     raw = load_preference_dataset(path, name=split)
-    return tokenized_views(split, path, raw, data, tokenizer, settings, args, cache, models or {"policy": "m"})
+    return tokenized_views(split, path, raw, data, tokenizer, settings, args, cache)
 
 
 def test_tokenized_views_are_reused_unless_data_tokenizer_or_instruction_change(tmp_path, data, tokenizer, builds):
@@ -98,12 +97,9 @@ def test_tokenized_views_are_reused_unless_data_tokenizer_or_instruction_change(
     views_of(tmp_path, data, other_tokenizer, cache)
     assert builds == ["train"] * 4  # another tokenizer
 
-    views_of(tmp_path, data, tokenizer, cache, models={"policy": "another model"})
-    assert builds == ["train"] * 5  # another model: its reference columns will be stored with these tokens
-
     views_of(tmp_path, data, tokenizer, cache, cache=False)
     views_of(tmp_path, data, tokenizer, cache, cache=False)
-    assert builds == ["train"] * 7  # CACHE=false: always rebuilt
+    assert builds == ["train"] * 6  # CACHE=false: always rebuilt
     assert (tmp_path / "out" / ".tokenized" / "train").is_dir()  # in the run's own folder, not the cache
 
 
@@ -146,14 +142,24 @@ def perturbed_copy(model_dir, target):
     return target
 
 
-def test_model_digest_tells_models_apart_by_their_files(tmp_path, tiny_model_dir):
-    """Under ZeRO-3 TRL hashes already-sharded weights, alike for every model of one shape: the files decide."""
+def test_model_digest_tells_models_apart_by_their_files(tmp_path, tiny_model_dir, monkeypatch):
+    """Under ZeRO-3 TRL hashes already-sharded weights, alike for every model of one shape: the files decide. Their
+    content is read once: the digest is kept beside the cache, keyed on the files' metadata."""
+    import preference_dpo.cache as cache_module
     from preference_dpo.cache import model_digest
 
+    stamps = tmp_path / "stamps"
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, copy)
-    assert model_digest(str(copy)) == model_digest(str(tiny_model_dir))  # same files, another folder
-    assert model_digest(str(perturbed_copy(tiny_model_dir, tmp_path / "other"))) != model_digest(str(copy))
+    digest = model_digest(str(copy), stamps=stamps)
+    assert digest == model_digest(str(tiny_model_dir), stamps=stamps)  # same files, another folder
+    assert model_digest(str(perturbed_copy(tiny_model_dir, tmp_path / "other")), stamps=stamps) != digest
+    monkeypatch.setattr(cache_module, "digest_path", lambda path: pytest.fail(f"read {path} again"))
+    assert model_digest(str(copy), stamps=stamps) == digest  # from its stamp: no file read
+    assert model_digest(str(copy)) != model_digest(str(tiny_model_dir))  # no stamps (CACHE=false): the metadata
+    monkeypatch.undo()
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert model_digest(str(copy), stamps=stamps) != digest  # a file changed: read again
 
 
 def test_reference_log_probs_are_reused_unless_the_model_changes(
@@ -174,7 +180,7 @@ def test_reference_log_probs_are_reused_unless_the_model_changes(
 
     monkeypatch.setattr(PreferenceGuidedDPOTrainer, "compute_ref_log_probs", counting)
 
-    def trainer(model_dir, **overrides):
+    def trainer(model_dir, lora_r=16, **overrides):
         args = train_args(tmp_path, **overrides)
         return PreferenceGuidedDPOTrainer(
             model=AutoModelForCausalLM.from_pretrained(model_dir),
@@ -183,7 +189,7 @@ def test_reference_log_probs_are_reused_unless_the_model_changes(
             train_dataset=train,
             eval_dataset=test,
             processing_class=tokenizer,
-            peft_config=get_peft_config(ModelArguments(model_name_or_path=str(model_dir))),
+            peft_config=get_peft_config(ModelArguments(model_name_or_path=str(model_dir), lora_r=lora_r)),
         )
 
     first = trainer(tiny_model_dir)
@@ -195,6 +201,11 @@ def test_reference_log_probs_are_reused_unless_the_model_changes(
     assert "Reused the reference log-probs of the train pairs from the cache: no reference pass" in caplog.text
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         assert rerun.train_dataset[column] == first.train_dataset[column]
+    trainer(tiny_model_dir, seed=1, lora_r=8)
+    assert passes == []  # the adapter's random start is not the reference: reused
+    trainer(tiny_model_dir, ld_alpha=0.5)
+    assert sum(passes) == 48 + 16  # TRL weighs the reference's tokens past the shorter response otherwise
+    passes.clear()
 
     other = perturbed_copy(tiny_model_dir, tmp_path / "other_model")
     changed = trainer(other)
@@ -234,3 +245,32 @@ def test_ref_hinge_targets_are_reused(tmp_path, data, tokenizer, tiny_model_dir,
     assert again.train_dataset["ref_guided_chosen_logps"] == first.train_dataset["ref_guided_chosen_logps"]
     trainer(guided_forward="full")
     assert computed == ["train", "train"]  # computed another way: not reused
+
+
+def test_reruns_with_another_seed_and_lora_r_reuse_the_reference_and_state_the_pair_counts(
+    tiny_model_dir, small_data, tmp_path, capsys
+):
+    """The reference is the base model: SEED and LORA_R (the adapter's random start) reuse its log-probs. A reuse
+    states again how many pairs were dropped and truncated (from the cache entry: nothing is tokenized)."""
+    from .test_reliability import run_main
+
+    train, test = small_data
+    argv = [
+        "--model_name_or_path", str(tiny_model_dir), "--train_dataset_path", str(train), "--test_dataset_path", str(test),
+        "--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "logs"), "--cache_dir", str(tmp_path / "cache"),
+        "--max_steps", "1", "--eval_strategy", "no", "--num_sample_prompts", "0", "--overwrite", "true",
+        "--max_length", "100", "--max_prompt_length", "58",
+    ]  # fmt: skip
+    computed = "Computing the reference log-probs of the train pairs"
+    reused = "Reused the reference log-probs of the train pairs from the cache: no reference pass"
+    code, errors, log = run_main([*argv, "--seed", "0", "--lora_r", "8"], capsys, full_log=True)
+    assert code == 0 and computed in log, errors
+    counts = [
+        line.split(": ", 1)[-1] for line in log.splitlines() if "pairs whose prompt" in line or "Truncated" in line
+    ]
+    assert any("train pairs whose prompt" in line for line in counts), counts  # dropped over MAX_PROMPT_LENGTH
+    assert any("train pairs to fit MAX_LENGTH" in line for line in counts), counts
+
+    code, _, log = run_main([*argv, "--seed", "1", "--lora_r", "16"], capsys, full_log=True)
+    assert code == 0 and reused in log and computed not in log
+    assert all(line in log for line in counts)  # stated again, from the cache entry

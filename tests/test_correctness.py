@@ -179,6 +179,8 @@ def test_a_model_whose_logits_the_head_does_not_reproduce_is_refused():
     unaware = LMHead(head.weight, head.bias)  # as if the soft-cap were an unknown feature
     with pytest.raises(UserInputError, match="logits are not its LM head applied to its last hidden states"):
         check_lm_head(model, unaware)
+    with pytest.raises(UserInputError, match=r"\(ALIGN_LOSS=ref_distill here"):  # the form that asked, named
+        check_lm_head(model, unaware, "ref_distill")
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 from preference_dpo.checkpoints import COMPLETE_MARKER, RUN_CONFIG_NAME, checkpoints
 
 from .conftest import REPO
 from .test_end_to_end import EXPECTED_OUTPUTS, scalars
+from .test_ref_distill import four_pairs, sharp_model  # noqa: F401 (fixtures)
 from .test_reliability import kill_session
 
 LAUNCHER = REPO / "fast_train.sh"
@@ -157,7 +159,7 @@ def test_cpu_ranks_share_the_cores(tmp_path):
 # --- real runs: 2 DeepSpeed ranks on CPU ------------------------------------------------------------------
 
 
-def launch(tmp_path, model_dir, data, name, **env):
+def launch(tmp_path, model_dir, data, name, extra=(), **env):
     train, test = data
     out, logs = tmp_path / name / "out", tmp_path / name / "logs"
     variables = {
@@ -167,7 +169,7 @@ def launch(tmp_path, model_dir, data, name, **env):
         "LORA_DROPOUT": "0",  # dropout draws differ with the split over ranks; the runs must compare exactly
         "CACHE_DIR": str(tmp_path / "cache"), **env,  # shared by the runs: the later ones reuse it, on 2 ranks
     }  # fmt: skip
-    result = subprocess.run(["bash", str(LAUNCHER), "--train_sampling_strategy", "sequential"],
+    result = subprocess.run(["bash", str(LAUNCHER), "--train_sampling_strategy", "sequential", *extra],
                             env={**os.environ, **variables}, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, logs
@@ -204,8 +206,9 @@ def test_two_ranks_write_one_set_of_outputs_and_a_usable_adapter(runs, tiny_mode
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["train_batch_size"] == 4
     assert "rewards_eval/accuracy" in scalars(logs)
-    if name == "zero2":  # the single-rank run filled the cache; ZeRO-3 hashes its sharded weights otherwise
-        assert "Reused the reference log-probs of the train pairs from the cache: no reference pass" in run_log
+    # the single-rank run filled the cache: the reference is keyed on the model's files, not on weights that
+    # ZeRO-3 has sharded (or on the adapter's random start)
+    assert "Reused the reference log-probs of the train pairs from the cache: no reference pass" in run_log
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
 
 
@@ -221,6 +224,27 @@ def test_one_rank_and_two_ranks_give_the_same_losses(runs, name):
     for a, b in zip(single, distributed, strict=True):
         assert b == pytest.approx(a, rel=1e-4, abs=2e-5)
     assert single[-1][1] < single[0][1]  # and training moved: the DPO loss fell
+
+
+def test_two_ranks_with_accumulation_give_the_token_mean_of_one_batch(tmp_path, sharp_model, four_pairs):  # noqa: F811
+    """ref_distill top-16 token_mean, one plain SGD step (lr 1, no clipping: the adapter's change is minus the
+    gradient) over the same 4 pairs: 1 rank x batch 4, and 2 DeepSpeed ranks x batch 1 x 2 accumulation steps, each
+    micro-batch one pair of its own length. The logged aligned loss and the adapter after the step agree."""
+    from safetensors.torch import load_file
+
+    sgd = ["--optim", "sgd", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--max_grad_norm", "0"]
+    settings = {"ALIGN_LOSS": "ref_distill", "DISTILL_TOP_K": "16", "ALPHA": "1", "LEARNING_RATE": "1",
+                "MAX_STEPS": "1", "NUM_SAMPLE_PROMPTS": "0"}  # fmt: skip
+    data = (four_pairs, "")
+    one, _ = launch(tmp_path, sharp_model, data, "one", PER_DEVICE_BATCH_SIZE="4", **settings, extra=sgd)
+    two, _ = launch(tmp_path, sharp_model, data, "two", PER_DEVICE_BATCH_SIZE="1", GRADIENT_ACCUM_STEPS="2",
+                    CPU_RANKS="2", MASTER_PORT="29563", **settings, extra=sgd)  # fmt: skip
+    (a,), (b,) = train_losses(one), train_losses(two)
+    assert b == pytest.approx(a, rel=1e-5)
+    whole, split = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
+    assert any(value.abs().max() > 0 for name, value in whole.items() if "lora_B" in name)  # the step moved B
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
 
 
 # --- stopping on a signal: every rank together --------------------------------------------------------------
@@ -295,7 +319,7 @@ def test_signals_under_deepspeed_save_one_checkpoint_and_resume(tmp_path, tiny_m
         **os.environ, "DEVICE": "cpu", "CPU_RANKS": "2", "POLICY_MODEL_PATH": str(tiny_model_dir),
         "TRAIN_DATASET_PATH": str(train), "TEST_DATASET_PATH": "", "MAX_STEPS": "10", "PER_DEVICE_BATCH_SIZE": "2",
         "GRADIENT_ACCUM_STEPS": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000", "OUTPUT_DIR": str(out),
-        "LOG_DIR": str(logs), "LEARNING_RATE": "1e-2",
+        "LOG_DIR": str(logs), "LEARNING_RATE": "1e-2", "CACHE_DIR": str(tmp_path / "cache"),
     }  # fmt: skip
     steps_done = 0
     for port, sig, to_group in ((29567, signal.SIGTERM, False), (29568, signal.SIGINT, True)):

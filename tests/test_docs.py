@@ -48,3 +48,17 @@ def test_relative_links_in_the_docs_resolve():
     for doc in (REPO / "README.md", REPO / "README.zh-CN.md", REPO / "docs" / "method.md"):
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
             assert (doc.parent / target).exists(), f"{doc.name}: {target}"
+
+
+def test_every_method_section_the_code_cites_exists():
+    """`docs/method.md, "Section"` in the package's docstrings and comments names a heading of method.md."""
+    method = (REPO / "docs" / "method.md").read_text(encoding="utf-8")
+    headings = [line.lstrip("#").strip() for line in method.splitlines() if line.startswith("#")]
+    cited = []
+    for path in sorted((REPO / "preference_dpo").glob("*.py")):
+        text = re.sub(r"\s+", " ", path.read_text(encoding="utf-8"))
+        cited += [(path.name, name) for name in re.findall(r'docs/method\.md,? "([^"]+)"', text)]
+        cited += [(path.name, name) for name in re.findall(r'"([^"]+)" in docs/method\.md', text)]
+    assert len(cited) >= 8
+    missing = [(file, name) for file, name in cited if not any(h.startswith(name) for h in headings)]
+    assert missing == []

@@ -137,8 +137,9 @@ def test_sigterm_on_gpu_saves_cuda_state_and_rerun_finishes(tiny_model_dir, smal
     argv = [
         sys.executable, str(REPO / "train_with_preference_prompt.py"), "--model_name_or_path", str(tiny_model_dir),
         "--train_dataset_path", str(train), "--test_dataset_path", str(test), "--output_dir", str(out),
-        "--log_dir", str(tmp_path / "logs"), "--per_device_train_batch_size", "4", "--logging_steps", "1",
-        "--eval_strategy", "no", "--precision", "bf16", "--max_steps", "300", "--save_steps", "100000",
+        "--log_dir", str(tmp_path / "logs"), "--cache_dir", str(tmp_path / "cache"), "--per_device_train_batch_size",
+        "4", "--logging_steps", "1", "--eval_strategy", "no", "--precision", "bf16", "--max_steps", "300",
+        "--save_steps", "100000",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -233,5 +233,11 @@ def test_reduce_token_kl_hand_computed():
         assert loss.item() == pytest.approx(value)
         loss.backward()
         torch.testing.assert_close(per_token.grad, torch.full((5,), grad))
+    # token_mean over a step of 10 positions, of which this micro-batch holds 5: 15 / 10, gradient 1/10 each
+    per_token = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], requires_grad=True)
+    loss = reduce_token_kl(per_token, lengths, "token_mean", num_tokens=torch.tensor(10.0))
+    loss.backward()
+    assert loss.item() == pytest.approx(1.5)
+    torch.testing.assert_close(per_token.grad, torch.full((5,), 0.1))
     with pytest.raises(ValueError, match="unknown distill reduction"):
         reduce_token_kl(per_token, lengths, "mean")

@@ -571,3 +571,27 @@ def test_nan_ptune_loss_stops_or_is_skipped_as_in_the_dpo_stage(common, capsys, 
     state = json.loads((skipped / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     assert [h["nonfinite_batches_skipped"] for h in state if "nonfinite_batches_skipped" in h] == [1.0, 2.0]
     assert torch.isfinite(load_prompt(skipped)).all()
+
+
+@pytest.mark.parametrize("stage", ["dpo", "ptune"])
+def test_training_ends_with_one_evaluation(common, capsys, tmp_path, monkeypatch, stage):  # noqa: F811
+    """The Trainer evaluates at the last step (every eval strategy does); the stage reuses that result instead of
+    evaluating the same weights again."""
+    from preference_dpo.ptune import SoftPromptTrainer
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    trainer_class = SoftPromptTrainer if stage == "ptune" else PreferenceGuidedDPOTrainer
+    evaluated = []
+    original = trainer_class.evaluate
+
+    def counting(self, *args, **kwargs):
+        evaluated.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "evaluate", counting)
+    steps = ["--max_steps", "4"] if stage == "dpo" else ["--training_mode", "embedding", "--ptune_max_steps", "4"]
+    argv = [*common, "--stage", stage, *steps, "--eval_strategy", "steps", "--eval_steps", "2",
+            "--num_sample_prompts", "0", "--ptune_output_dir", str(tmp_path / "prompt")]  # fmt: skip
+    code, errors = run_main(argv, capsys)
+    assert code == 0, errors
+    assert evaluated == [0, 2, 4]

@@ -178,6 +178,11 @@ def test_teacher_store_holds_the_reference_top_k_and_resumes_after_a_kill(
     assert after["shard-00001.arrow"] != before["shard-00001.arrow"]  # the missing one, recomputed
     assert again.train_dataset[:]["teacher_chosen"] == columns
 
+    # another adapter (rank, random start) is the same reference: the whole store is reused
+    torch.manual_seed(1)
+    make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, **settings, lora_r=8)
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(store.glob("shard-*.arrow"))} == after
+
     # another K is another teacher: a new store, and the outdated one is removed
     make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, **{**settings, "distill_top_k": 4})
     (new_store,) = (tmp_path / "out" / teacher_module.TEACHER_DIR).glob("train-*")
@@ -225,3 +230,78 @@ def test_top_k_larger_than_the_vocabulary_stops_before_weights_load(tiny_model_d
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(UserInputError, match=r"--distill_top_k 5000 exceeds the model's vocabulary \(2048 tokens\)"):
         pipeline.run(*args)
+
+
+# --- the reduction is one optimizer step's, whatever its split into micro-batches ---
+
+
+@pytest.fixture(scope="module")
+def four_pairs(tmp_path_factory):
+    """The 2 pairs with the shortest responses, then the 2 with the longest (the embedded "verbose" flaw): split in
+    two micro-batches, the mean of their token means is far from the 4 pairs' token mean."""
+    rows = head_rows(EMBEDDED_TRAIN, 512)
+    by_length = sorted(rows, key=lambda row: sum(len(row[side][-1]["content"]) for side in ("chosen", "rejected")))
+    folder = tmp_path_factory.mktemp("four_pairs")
+    return write_jsonl(folder / "train.jsonl", [*by_length[:2], *by_length[-2:]])
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model (and its tokenizer) with its weight matrices x10: at x1 its next-token distributions are
+    nearly uniform, and the instruction moves them so little that the KL is ~3e-6."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("sharp") / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(10)
+    model.save_pretrained(folder)
+    return folder
+
+
+def one_sgd_step(model_dir, train, folder, reduction, batch, accum, capsys):
+    """The adapter after one plain SGD step at learning rate 1 (its change is minus the gradient, unclipped) of
+    ALPHA=1 ref_distill top-16 on the 4 pairs, and the logged aligned loss of that step."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .test_reliability import run_main
+
+    argv = [
+        "--model_name_or_path", str(model_dir), "--train_dataset_path", str(train), "--test_dataset_path", "",
+        "--output_dir", str(folder / "out"), "--log_dir", str(folder / "logs"), "--cache_dir", str(folder / "cache"),
+        "--align_loss", "ref_distill", "--distill_top_k", "16", "--distill_reduction", reduction,
+        "--aligned_loss_weight", "1", "--max_steps", "1", "--per_device_train_batch_size", str(batch),
+        "--gradient_accumulation_steps", str(accum), "--optim", "sgd", "--learning_rate", "1",
+        "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--max_grad_norm", "0", "--lora_dropout", "0",
+        "--logging_steps", "1", "--train_sampling_strategy", "sequential", "--num_sample_prompts", "0",
+    ]  # fmt: skip
+    code, errors = run_main(argv, capsys)
+    assert code == 0, errors
+    history = json.loads((folder / "out" / "trainer_state.json").read_text())["log_history"]
+    (logged,) = [entry for entry in history if "aligned_loss" in entry]
+    return load_file(str(folder / "out" / "adapter_model.safetensors")), logged
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_sum"])
+def test_gradient_accumulation_leaves_the_distill_loss_and_its_gradient_unchanged(
+    sharp_model, four_pairs, tmp_path, capsys, reduction
+):
+    """Batch 4 x 1 micro-batch and batch 2 x 2 micro-batches: one optimizer step over the same 4 pairs. token_mean
+    divides by the step's response tokens (as transformers divides by `num_items_in_batch`), not each micro-batch's;
+    sequence_sum is a mean over responses, which equal micro-batches keep. Before the fix token_mean gave 0.0957
+    (4 x 1) and 0.1074 (2 x 2) here."""
+    whole, whole_log = one_sgd_step(sharp_model, four_pairs, tmp_path / "a", reduction, 4, 1, capsys)
+    split, split_log = one_sgd_step(sharp_model, four_pairs, tmp_path / "b", reduction, 2, 2, capsys)
+    assert split_log["aligned_loss"] == pytest.approx(whole_log["aligned_loss"], rel=1e-5)
+    assert split_log["loss"] == pytest.approx(whole_log["loss"], rel=1e-5)
+    assert whole.keys() == split.keys()
+    moved = [name for name in whole if whole[name].abs().max() > 0 and "lora_B" in name]
+    assert moved  # B starts at 0: its value after the step is minus its gradient
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)

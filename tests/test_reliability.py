@@ -227,9 +227,12 @@ def adapter(folder):
 def test_killed_run_resumes_and_matches_uninterrupted(common, capsys, tmp_path, monkeypatch):
     from preference_dpo.trainer import PreferenceGuidedDPOTrainer
 
-    steps = ["--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-2", "--lora_dropout", "0"]
+    # LoRA dropout on: every step draws masks, so the random state must match too. The uninterrupted run fills the
+    # cache (its reference pass iterates a data loader, which draws a seed), the later runs reuse it.
+    steps = ["--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-2", "--lora_dropout", "0.1"]
     reference_args = [*common, *steps, "--output_dir", str(tmp_path / "ref"), "--log_dir", str(tmp_path / "ref_logs")]
     assert run_main(reference_args, capsys)[0] == 0
+    assert json.loads((tmp_path / "ref" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
 
     original = PreferenceGuidedDPOTrainer.training_step
 
@@ -255,7 +258,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(common, capsys, tmp_path, 
     resumed, uninterrupted = adapter(out), adapter(tmp_path / "ref")
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
-        # CPU, fp32, RNG (so LoRA dropout masks) and data order restored: equal up to float rounding
+        # CPU, fp32, RNG (so the LoRA dropout masks) and data order restored: equal up to float rounding
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
 
 

@@ -28,7 +28,7 @@ def common(tiny_model_dir, small_data, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", head_rows(small_data[0], 8))
     return [
         "--model_name_or_path", str(tiny_model_dir), "--train_dataset_path", str(train), "--test_dataset_path", "",
-        "--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "logs"),
+        "--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "logs"), "--cache_dir", str(tmp_path / "cache"),
         "--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_steps", "1",
     ]  # fmt: skip
 
@@ -93,13 +93,15 @@ def test_hf_home_points_a_fresh_process_at_its_cache(tmp_path, tiny_model_dir):
     """As a user sets it: HF_HOME in the environment (the cache is $HF_HOME/hub), offline, a bare model name."""
     fake_hub_cache(tmp_path / "home" / "hub", tiny_model_dir, "tinyqwen")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "TRANSFORMERS_CACHE")}
-    env.update(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
+    env.update(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     script = (
         "from preference_dpo.config import parse_args; from preference_dpo.pipeline import check_causal_lm;"
         "_, m, _ = parse_args(['--model_name_or_path', 'tinyqwen', '--output_dir', 'out']);"
         "print(check_causal_lm(m.model_name_or_path, 'model_name_or_path', False).model_type)"
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip() == "qwen2", out.stderr[-2000:]
 
 
@@ -362,7 +364,8 @@ def test_ref_hinge_without_reference_precompute_under_zero3(tmp_path, tiny_model
         "deepspeed", "--num_gpus=1", "--master_port=29563", str(REPO / "train_with_preference_prompt.py"),
         "--deepspeed", str(REPO / "ds_config_zero3.json"), "--model_name_or_path", str(tiny_model_dir),
         "--train_dataset_path", str(train), "--test_dataset_path", str(test), "--output_dir", str(out),
-        "--log_dir", str(tmp_path / "logs"), "--align_loss", "ref_hinge", "--aligned_loss_weight", "0.5",
+        "--log_dir", str(tmp_path / "logs"), "--cache_dir", str(tmp_path / "cache"), "--align_loss", "ref_hinge",
+        "--aligned_loss_weight", "0.5",
         "--precompute_ref_log_probs", "false", "--per_device_train_batch_size", "4", "--max_steps", "2",
         "--logging_steps", "1", "--eval_steps", "2",
     ]  # fmt: skip

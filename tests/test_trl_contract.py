@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from transformers import Trainer
 from trl import DPOTrainer
 
 from preference_dpo.config import ModelArguments, PreferenceDPOConfig
@@ -25,9 +26,15 @@ def test_trl_methods_we_override_exist_with_expected_signatures():
         "compute_ref_log_probs": ["self", "model", "inputs"],
         "_set_signature_columns_if_needed": ["self"],
         "_precompute_ref_logps": ["self", "dataset", "name", "batch_size"],
+        "_get_num_items_in_batch": ["self", "batch_samples", "device"],
+        "compute_loss": ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
     }
     for name, params in expected.items():
         assert list(inspect.signature(getattr(DPOTrainer, name)).parameters) == params, name
+    # token_mean's divisor (`_token_mean_divisor`): the Trainer divides every micro-batch's loss by the number of
+    # accumulation steps, because DPO's loss is not already scaled for them
+    assert DPOTrainer.loss_is_scaled_for_ga is False
+    assert "loss / self.current_gradient_accumulation_steps" in inspect.getsource(Trainer.training_step)
     source = inspect.getsource(DPOTrainer._compute_loss)
     # the policy forward comes first and goes through the fused LM head
     assert source.index("outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)") < source.index(
@@ -47,7 +54,17 @@ def test_reference_cache_file_is_where_trl_keeps_it():
 
 
 def make_trainer(
-    tiny_model_dir, tokenizer, small_data, tmp_path, *, alpha, soft=None, ref_model=None, lora_dropout=0.0, **overrides
+    tiny_model_dir,
+    tokenizer,
+    small_data,
+    tmp_path,
+    *,
+    alpha,
+    soft=None,
+    ref_model=None,
+    lora_dropout=0.0,
+    lora_r=16,
+    **overrides,
 ):
     from transformers import AutoModelForCausalLM
     from trl import get_peft_config
@@ -69,7 +86,7 @@ def make_trainer(
         dataloader_num_workers=0,
         **overrides,
     )
-    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=lora_dropout)
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=lora_dropout, lora_r=lora_r)
     k = 0 if soft is None else soft.shape[0]
     datasets = [
         tokenize_preference_dataset(

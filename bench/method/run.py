@@ -143,7 +143,7 @@ def _run_tool(settings: dict, what: str) -> None:
         raise RuntimeError(f"{what} failed ({status}): {captured.getvalue()[-2000:]}")
 
 
-def learn_prompt(seed: int, base: Path, train_path: Path, eval_path: Path, folder: Path) -> dict:
+def learn_prompt(seed: int, base: Path, train_path: Path, eval_path: Path, folder: Path, cache: Path) -> dict:
     """STAGE=ptune on this seed's base model and training pairs (the tool's defaults: 16 virtual tokens
     initialised from the instruction's token embeddings, the DPO objective); the held-out pairs are its test
     set, so its summary holds the accuracy with the learned prompt, with the instruction and with neither."""
@@ -160,6 +160,7 @@ def learn_prompt(seed: int, base: Path, train_path: Path, eval_path: Path, folde
             "preference_text": world.INSTRUCTION,
             "ptune_output_dir": folder,
             "output_dir": folder,
+            "cache_dir": cache,
             "log_dir": folder / "tensorboard",
             "overwrite": "true",
             "resume_from_checkpoint": "false",
@@ -179,7 +180,9 @@ def write_eval_data(folder: Path, rows: list[dict]) -> Path:
     return path
 
 
-def train_arm(arm: Arm, seed: int, base: Path, train_path: Path, output: Path, prompt: Path | None) -> None:
+def train_arm(
+    arm: Arm, seed: int, base: Path, train_path: Path, output: Path, prompt: Path | None, cache: Path
+) -> None:
     from bench.method import world
 
     settings = {
@@ -197,6 +200,7 @@ def train_arm(arm: Arm, seed: int, base: Path, train_path: Path, output: Path, p
         "seed": seed,
         "output_dir": output,
         "log_dir": output / "tensorboard",
+        "cache_dir": cache,
         "overwrite": "true",
         "resume_from_checkpoint": "false",
         "save_strategy": "no",
@@ -297,7 +301,7 @@ def run_seed(seed: int, arm_names: list[str], work: Path, fresh: bool, done: set
         if fresh or json.loads(marker.read_text()).get("prompt_fingerprint") != run_key:
             shutil.rmtree(folder, ignore_errors=True)  # a prompt learned on another base model or code
         t0 = time.monotonic()
-        summary = learn_prompt(seed, base, train_path, write_eval_data(data, eval_pairs), folder)
+        summary = learn_prompt(seed, base, train_path, write_eval_data(data, eval_pairs), folder, work / "cache")
         _update_marker(marker, prompt_fingerprint=run_key)
         prompt = folder / "prompt_embeddings.pt"
         baseline["learned_prompt"] = summary["held_out_comparison"]
@@ -314,7 +318,7 @@ def run_seed(seed: int, arm_names: list[str], work: Path, fresh: bool, done: set
             continue
         t0 = time.monotonic()
         output = work / "runs" / f"{arm.name.replace(' ', '_').replace('=', '')}-seed{seed}"
-        train_arm(arm, seed, base, train_path, output, prompt)
+        train_arm(arm, seed, base, train_path, output, prompt, work / "cache")  # the work folder holds it all
         row = {"arm": arm.name, "seed": seed, **asdict(arm), **measure_run(base, output, eval_pairs, eval_questions)}
         row["seconds"] = round(time.monotonic() - t0, 1)
         row["fingerprint"] = run_key
