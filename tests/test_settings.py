@@ -299,11 +299,12 @@ def fp32_logs(sharp_model_dir, tokenizer, small_data, tmp_path_factory):
 #   another CPU of this kind: its bf16 kernels round differently; two sums each within 2e-3 of ~150 nats can
 #   differ by 0.6), fp16 0.15 (0.045);
 # - dpo_loss, rewards/margins (BETA x differences of sums) and distill_loss (a KL in fp32 from half-precision
-#   hidden states): 0.015 (measured: bf16 0.005, fp16 0.003).
+#   hidden states): fp16 0.015 (measured 0.003); bf16 0.04 (measured 0.005 on one machine, 0.022 on another CPU
+#   of this kind after one SGD step: BETA x the 0.6-nat tolerance of a difference of sums is 0.03).
 # SGD, so that step 2 carries step 1's half-precision gradient in proportion (Adam's first step is nearly
 # lr x sign(gradient): one flipped sign moves a weight by 2 lr, whatever the precision).
 TOLERANCES = {
-    "bf16": {"logps": 2e-3, "delta": 0.6, "loss": 0.015},
+    "bf16": {"logps": 2e-3, "delta": 0.6, "loss": 0.04},
     "fp16": {"logps": 5e-4, "delta": 0.15, "loss": 0.015},
 }
 
