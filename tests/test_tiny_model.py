@@ -45,7 +45,8 @@ def test_model_is_a_small_qwen2_with_matching_vocab(tiny_model_dir, tokenizer):
 
 
 def test_embedded_model_build_is_deterministic_recorded_and_rebuilt_when_its_recipe_changes(tmp_path):
-    """A short build (the real one pretrains for longer): same weights twice, a recipe stamp, stale detection."""
+    """A short build (the real one pretrains for longer): same weights twice, whatever the process's thread count
+    (the README's demo numbers rest on that), a recipe stamp, stale detection."""
     import json
     import shutil
 
@@ -56,8 +57,14 @@ def test_embedded_model_build_is_deterministic_recorded_and_rebuilt_when_its_rec
 
     data = tmp_path / "data"
     shutil.copytree(tiny_model.DEFAULT_DATA_DIR, data)
-    first = tiny_model.build_embedded_model(tmp_path / "a", data, steps=4)
-    second = tiny_model.build_embedded_model(tmp_path / "b", data, steps=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = tiny_model.build_embedded_model(tmp_path / "a", data, steps=4)
+        torch.set_num_threads(2)
+        second = tiny_model.build_embedded_model(tmp_path / "b", data, steps=4)
+    finally:
+        torch.set_num_threads(threads)
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     info = json.loads((first / tiny_model.BUILD_INFO).read_text())
