@@ -91,7 +91,8 @@ def model_digest(path: str, revision: str | None = None, *, stamps: Path | None 
     or commit; None: `main`) resolves to, as the loads of its files resolve it.
 
     Reading a large model's files takes a while (~9 s for 15 GB at 1.75 GB/s), so a folder's content digest is
-    kept in `stamps/`, keyed on the folder's path and its files' names, sizes and modification times, and read
+    kept in `stamps/`, keyed on the folder's path and its files' names, sizes, modification and change times and
+    inodes, and read
     from there while none of them changes (a copy elsewhere is hashed once and gets the same digest). Without
     `stamps` (CACHE=false: nothing is kept) a folder's identity is that metadata alone.
     """
@@ -100,7 +101,9 @@ def model_digest(path: str, revision: str | None = None, *, stamps: Path | None 
         metadata = make_key(
             {
                 "path": str(Path(path).resolve()),
-                "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+                # inode and ctime too: a file rewritten in place with its size and modification time restored
+                # (`cp -p`, `rsync -a`, tar) keeps those two, but no user-space tool can set the ctime
+                "files": [(f.name, *_identity(f.stat())) for f in files],
             }
         )
         if stamps is None:
@@ -123,6 +126,10 @@ def model_digest(path: str, revision: str | None = None, *, stamps: Path | None 
     resolved = cached_file(path, "config.json", revision=revision)  # already downloaded: the config was checked
     commit = extract_commit_hash(resolved, None)
     return f"{path}@{commit}" if commit else digest_path(Path(resolved).parent)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
 
 
 def make_key(parts: dict[str, Any]) -> str:

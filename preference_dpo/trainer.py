@@ -197,6 +197,21 @@ def sequence_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor)
     return per_token_logps[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
 
 
+@contextlib.contextmanager
+def trl_weight_hash_skipped() -> Iterator[None]:
+    """TRL's `DPOTrainer.__init__` without its `hash_module(model)`: every rank would read every weight (a 1.5B
+    model in bf16: ~6 GB through SHA-256, ~10 s per rank) for a key that `_precompute_ref_logps` replaces by
+    `_reference_key` (the base weights' digest, read once on one process) before anything uses it."""
+    from trl.trainer import dpo_trainer
+
+    original = dpo_trainer.hash_module
+    dpo_trainer.hash_module = lambda _module: "replaced by PreferenceGuidedDPOTrainer._reference_key"
+    try:
+        yield
+    finally:
+        dpo_trainer.hash_module = original
+
+
 class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
     """DPO on the base view, plus `ALPHA * aligned_loss` against the guided view (docs/method.md).
 
@@ -212,7 +227,8 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         config = kwargs.get("args")
         if config is not None and kwargs.get("eval_dataset") is None and config.eval_on_start:
             config.eval_on_start = False  # our default evaluates before training; without a test set there is none
-        super().__init__(*args, **kwargs)
+        with trl_weight_hash_skipped():
+            super().__init__(*args, **kwargs)
         self._restore_lora_dropout()
         if self.args.align_loss in DISTILL_FORMS:  # the losses whose logits are computed from hidden states
             causal_lm = self._unwrapped(self.model)[1]

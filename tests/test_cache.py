@@ -3,6 +3,7 @@ the learning rate reuse what an earlier run computed (tokenized views and refere
 
 import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -159,7 +160,16 @@ def test_model_digest_tells_models_apart_by_their_files(tmp_path, tiny_model_dir
     assert model_digest(str(copy)) != model_digest(str(tiny_model_dir))  # no stamps (CACHE=false): the metadata
     monkeypatch.undo()
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
-    assert model_digest(str(copy), stamps=stamps) != digest  # a file changed: read again
+    changed = model_digest(str(copy), stamps=stamps)
+    assert changed != digest  # a file changed: read again
+    # rewritten in place, same size, its modification time restored (as `cp -p` or `rsync -a` leave it)
+    weights = copy / "model.safetensors"
+    before, content = weights.stat(), bytearray(weights.read_bytes())
+    content[-1] ^= 1
+    weights.write_bytes(bytes(content))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+    assert model_digest(str(copy), stamps=stamps) != changed
 
 
 def test_reference_log_probs_are_reused_unless_the_model_changes(
@@ -227,6 +237,11 @@ def test_ref_hinge_targets_are_reused(tmp_path, data, tokenizer, tiny_model_dir,
         return original(self, dataset, name)
 
     monkeypatch.setattr(PreferenceGuidedDPOTrainer, "_ref_guided_columns", counting)
+    from trl.trainer import dpo_trainer
+
+    hashed = []
+    trl_hash = dpo_trainer.hash_module
+    monkeypatch.setattr(dpo_trainer, "hash_module", lambda module: hashed.append(1) or trl_hash(module))
 
     def trainer(**overrides):
         args = train_args(tmp_path, align_loss="ref_hinge", **overrides)
@@ -245,6 +260,7 @@ def test_ref_hinge_targets_are_reused(tmp_path, data, tokenizer, tiny_model_dir,
     assert again.train_dataset["ref_guided_chosen_logps"] == first.train_dataset["ref_guided_chosen_logps"]
     trainer(guided_forward="full")
     assert computed == ["train", "train"]  # computed another way: not reused
+    assert hashed == []  # TRL's own hash of every weight, on every rank, is skipped: `_reference_key` replaces it
 
 
 def test_reruns_with_another_seed_and_lora_r_reuse_the_reference_and_state_the_pair_counts(

@@ -43,6 +43,20 @@ def test_trl_methods_we_override_exist_with_expected_signatures():
     assert "per_token_logps.sum(dim=1)" in source
 
 
+def test_trls_weight_hash_is_read_only_by_the_reference_precompute_we_override():
+    """`trainer.trl_weight_hash_skipped` stubs `hash_module` in `DPOTrainer.__init__`: safe while the hash it
+    makes is read by `_precompute_ref_logps` alone, which sets its own key first."""
+    from trl.trainer import dpo_trainer
+
+    assert "hash_module(" in inspect.getsource(DPOTrainer.__init__) and hasattr(dpo_trainer, "hash_module")
+    readers = [
+        name
+        for name, member in inspect.getmembers(DPOTrainer, inspect.isfunction)
+        if "self._precompute_model_hash" in inspect.getsource(member) and name != "__init__"
+    ]
+    assert readers == ["_precompute_ref_logps"]
+
+
 def test_reference_cache_file_is_where_trl_keeps_it():
     """`cache.reference_fingerprint` reproduces TRL's key of its precomputed reference columns, so a cached
     data set carries them and the log can say whether the reference pass is reused."""
