@@ -170,18 +170,6 @@ def base_weights_hash(model) -> str:
     return h.hexdigest()
 
 
-def on_main_process(compute: Callable[[], Any], train_args) -> Any:
-    """`compute()` run by the main process alone, its result sent to every rank (a model's digest is read from
-    its files once per run, not once per rank)."""
-    if train_args.world_size == 1:
-        return compute()
-    from accelerate.utils import broadcast_object_list
-
-    value = [compute() if train_args.process_index == 0 else None]
-    broadcast_object_list(value, from_process=0)
-    return value[0]
-
-
 # Where the data files are is not what they hold, which "data" keys: without their paths in the key, a copy of a
 # file elsewhere reuses its entries, and the test split's entry does not change with TRAIN_DATASET_PATH.
 DATA_PATH_FIELDS = ("train_dataset_path", "test_dataset_path")

@@ -19,6 +19,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -32,22 +33,43 @@ logger = logging.getLogger(__name__)
 # --- start: OVERWRITE or resume ----------------------------------------------------------------------------------
 
 
+def on_main_process(compute: Callable[[], Any], args) -> Any:
+    """`compute()` run by the global main process alone, its result sent to every rank; if it raises, every rank
+    raises it (a copy on the others), so no rank is left waiting in a collective that the main process never
+    reaches (a barrier passed by a failing main process would strand the others in the next collective)."""
+    if args.world_size == 1:
+        return compute()
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list[Any] = [None]
+    if args.process_index == 0:
+        try:
+            outcome = [(True, compute())]
+        except Exception as e:  # sent on as it is: every rank ends with the main process's error
+            outcome = [(False, e)]
+    broadcast_object_list(outcome, from_process=0)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
+
+
 def starting_checkpoint(args, clear_previous: Callable[[], None]) -> str | None:
     """The checkpoint training resumes from (None: from the start), per RESUME_FROM_CHECKPOINT and OVERWRITE.
 
     OVERWRITE calls `clear_previous` (the stage's own files, checkpoints, event files) on the global main
-    process alone; the others wait, then find the folder as it leaves it. Not per node
+    process alone, which also resolves the checkpoint; the others wait for its answer (or its error). Not per node
     (`main_process_first(local=True)`): on shared storage every node's main process would remove the same
     folders at once. A resumed run skips the evaluation before training: its history has it.
     """
-    main = args.process_index == 0
-    with args.main_process_first(local=False, desc="checking the output folder"):
+
+    def decide() -> str | None:
         if args.overwrite:
-            if main:
-                clear_previous()
-            resume_from = None
-        else:
-            resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir, remove_incomplete=main)
+            clear_previous()
+            return None
+        return resolve_resume(args.resume_from_checkpoint, args.output_dir, remove_incomplete=True)
+
+    resume_from = on_main_process(decide, args)
     if resume_from is not None:
         args.eval_on_start = False
     return resume_from

@@ -137,8 +137,9 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from trl import get_peft_config
 
     from . import report
-    from .cache import MODEL_DIGESTS_DIR, DatasetCache, on_main_process, reference_weights_key
+    from .cache import MODEL_DIGESTS_DIR, DatasetCache, reference_weights_key
     from .data import load_train_and_test
+    from .faults import on_main_process
     from .metrics import TensorBoardMetricsCallback, ThroughputCallback
     from .trainer import PreferenceGuidedDPOTrainer
     from .views import PreferenceViewsCollator, load_prompt_embedding

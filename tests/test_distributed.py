@@ -344,3 +344,51 @@ def test_signals_under_deepspeed_save_one_checkpoint_and_resume(tmp_path, tiny_m
     assert f"Resuming from {out / f'checkpoint-{steps_done}'}" in log and log.count("{'loss'") == 10 - steps_done
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 10
     assert (out / RUN_CONFIG_NAME).exists()
+
+
+MAIN_PROCESS_FAILS = """
+import sys, types
+from accelerate import PartialState
+from preference_dpo.errors import UserInputError
+from preference_dpo.faults import on_main_process, starting_checkpoint
+
+state = PartialState(cpu=True)
+args = types.SimpleNamespace(world_size=2, process_index=state.process_index, overwrite=True)
+
+def fail():
+    raise UserInputError("OUTPUT_DIR: cannot remove the previous run (read-only)")
+
+try:
+    on_main_process(fail, args) if sys.argv[1] == "compute" else starting_checkpoint(args, fail)
+except UserInputError as e:
+    print(f"rank {state.process_index}: {e}", flush=True)
+    sys.exit(2)
+print(f"rank {state.process_index}: went on", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["compute", "overwrite"])
+def test_an_error_of_the_main_process_ends_every_rank(tmp_path, where):
+    """Folder work done by the global main process alone (a digest, OVERWRITE's removal) that raises there ends
+    every rank with the same error, at once: none waits in a collective the main process never reaches."""
+    script = tmp_path / "fails.py"
+    script.write_text(MAIN_PROCESS_FAILS)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), where],
+            env={**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29587" if where == "compute" else "29588"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=60)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 2, output[-2000:]
+        assert f"rank {rank}: OUTPUT_DIR: cannot remove the previous run (read-only)" in output
