@@ -159,7 +159,17 @@ def insert_soft_tokens(embeds: torch.Tensor, mask: torch.Tensor, soft: torch.Ten
 
 def _ids(tokenizer, value, **chat_kwargs) -> list[int]:
     if isinstance(value, list):
-        return list(tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **chat_kwargs)["input_ids"])
+        from jinja2.exceptions import TemplateError
+
+        try:
+            rendered = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **chat_kwargs)
+        except TemplateError as e:  # e.g. a system message in the data, for a template without a system role
+            roles = ", ".join(dict.fromkeys(m.get("role", "?") for m in value))
+            raise UserInputError(
+                f"The chat template refuses a conversation of the data (roles: {roles}): {str(e).strip()}. "
+                "Remove the messages of that role from the data set, or use a model whose template accepts them."
+            ) from None
+        return list(rendered["input_ids"])
     return list(tokenizer(text=value)["input_ids"])
 
 

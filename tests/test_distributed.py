@@ -376,9 +376,18 @@ def test_an_error_of_the_main_process_ends_every_rank(tmp_path, where):
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), where],
-            env={**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29587" if where == "compute" else "29588"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(REPO),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29587" if where == "compute" else "29588",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for rank in (0, 1)
     ]

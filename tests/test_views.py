@@ -362,3 +362,14 @@ def test_a_template_without_system_role_takes_the_instruction_in_the_user_turn(n
     assert guided == f"<|im_start|>user\n{P}\n\nHow do I boil an egg?<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(UserInputError, match=r"does not accept a system message.*PREFERENCE_POSITION=user"):
         tokenize_preference_dataset(dataset, no_system_tokenizer, preference_position="system", **kwargs)
+
+
+def test_a_system_message_in_the_data_for_a_template_without_one_is_one_line(no_system_tokenizer):
+    """PREFERENCE_POSITION=user, but the data's own prompts carry a system message the template refuses."""
+    from datasets import Dataset
+
+    with_system = {**CONV, "prompt": [{"role": "system", "content": "Be brief."}, *CONV["prompt"]]}
+    kwargs = dict(name="train", preference_text=P, num_soft_tokens=0, max_length=300, max_prompt_length=128)
+    with pytest.raises(UserInputError, match=r"refuses a conversation of the data \(roles: system, user\).*Remove the"):
+        tokenize_preference_dataset(Dataset.from_list([with_system]), no_system_tokenizer, preference_position="user",
+                                    **kwargs)  # fmt: skip
