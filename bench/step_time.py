@@ -147,9 +147,9 @@ def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding, top_k: 
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+    from preference_dpo.collator import PreferenceViewsCollator
     from preference_dpo.config import PreferenceDPOConfig
     from preference_dpo.trainer import PreferenceGuidedDPOTrainer
-    from preference_dpo.views import PreferenceViewsCollator
 
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     pad = model.config.pad_token_id

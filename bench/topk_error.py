@@ -59,8 +59,9 @@ def main(argv=None) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from preference_dpo.collator import PreferenceViewsCollator
     from preference_dpo.losses import token_kl, topk_teacher, topk_token_kl
-    from preference_dpo.views import PreferenceViewsCollator, tokenize_preference_dataset
+    from preference_dpo.views import tokenize_preference_dataset
 
     torch.manual_seed(0)
     path, rows, instruction = load(args.model)

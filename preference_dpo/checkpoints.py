@@ -15,9 +15,9 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import describe
 from .errors import UserInputError
 from .metrics import remove_stage_event_files
+from .variables import describe
 
 logger = logging.getLogger(__name__)
 

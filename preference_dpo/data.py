@@ -161,7 +161,7 @@ class Source:
 
 
 def _missing_split(path: Path, split: str, splits, flag: str) -> UserInputError:
-    from .config import describe
+    from .variables import describe
 
     hint = (
         f"set {describe('dataset_split')} to the one to train on"

@@ -51,25 +51,6 @@ def hinge_aligned_loss(target: torch.Tensor, h_base: torch.Tensor) -> torch.Tens
     return torch.relu(target.detach() - h_base).mean()
 
 
-# form -> (loss function, whether its target is the reference's guided margin)
-ALIGNED_LOSSES = {"hinge": (hinge_aligned_loss, False), "ref_hinge": (hinge_aligned_loss, True)}
-
-
-def aligned_loss(kind: str, target: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
-    """The aligned-loss form `kind` (see `ALIGNED_LOSSES`); `target` is h_pref or h_ref_pref accordingly."""
-    return ALIGNED_LOSSES[kind][0](target, h_base)
-
-
-# forms that compare next-token distributions (`token_kl`, `topk_token_kl`) instead of margins
-DISTILL_FORMS = ("distill", "ref_distill")
-
-
-def uses_reference_target(kind: str) -> bool:
-    """`ref_hinge` and `ref_distill`: the pairs' target margin is the frozen reference's instructed margin
-    (`aligned_active_frac` compares it with h_base); `hinge` and `distill` use the policy's own."""
-    return kind == "ref_distill" or (kind in ALIGNED_LOSSES and ALIGNED_LOSSES[kind][1])
-
-
 @dataclass(frozen=True)
 class PreferenceStats:
     """Per-pair quantities behind the preference metrics (all detached)."""

@@ -15,10 +15,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 from .checkpoints import RUN_CONFIG_NAME, clear_previous_run, move_into
-from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
+from .config import DataArguments, ModelArguments, PreferenceDPOConfig
 from .errors import UserInputError
 from .faults import end_if_stopped, starting_checkpoint, stop_on_signal, train
 from .teacher import TEACHER_DIR
+from .variables import describe
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +139,12 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
 
     from . import report
     from .cache import MODEL_DIGESTS_DIR, DatasetCache, reference_weights_key
+    from .collator import PreferenceViewsCollator
     from .data import load_train_and_test
     from .faults import on_main_process
     from .metrics import TensorBoardMetricsCallback, ThroughputCallback
+    from .soft_prompt import load_prompt_embedding
     from .trainer import PreferenceGuidedDPOTrainer
-    from .views import PreferenceViewsCollator, load_prompt_embedding
 
     started = time.monotonic()
     remote = train_args.trust_remote_code

@@ -1,7 +1,7 @@
 """The stage that learns the soft prompt embedding mode reads (`STAGE=ptune`): P-tuning on the preference pairs.
 
 docs/method.md, "Learned preference prompt": `k` vectors `E` are inserted where embedding mode inserts them
-(right after the prompt: the same tokenization, collator and `views.insert_soft_tokens`), the model is
+(right after the prompt: the same tokenization, collator and `soft_prompt.insert_soft_tokens`), the model is
 frozen (no LoRA), and only `E` is trained, directly or through PEFT's `PromptEncoder` MLP (P-tuning):
 - `dpo`: the prompted model is the policy, the same model without `E` the reference;
 - `sft`: the likelihood of the chosen responses with `E`.
@@ -28,12 +28,14 @@ from transformers import Trainer
 
 from .cache import file_backed
 from .checkpoints import checkpoints, move_into
-from .config import DataArguments, ModelArguments, PreferenceDPOConfig, describe
+from .collator import split_views
+from .config import DataArguments, ModelArguments, PreferenceDPOConfig
 from .errors import UserInputError
 from .faults import FaultTolerantTrainer, end_if_stopped, starting_checkpoint, stop_on_signal, train
 from .losses import preference_accuracy_and_margin, prompt_dpo_loss, prompt_sft_loss
 from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, final_evaluation, library_versions
-from .views import insert_soft_tokens, split_views
+from .soft_prompt import insert_soft_tokens
+from .variables import describe
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ class SoftPromptTrainer(FaultTolerantTrainer, Trainer):
     """transformers' `Trainer` on a `SoftPromptModel`: the objective and its metrics (NaN/Inf losses and complete
     checkpoints as in the DPO stage: `faults.FaultTolerantTrainer`).
 
-    Batches come from `views.PreferenceViewsCollator(guided_forward="full")`: the base view is the prompt
+    Batches come from `collator.PreferenceViewsCollator(guided_forward="full")`: the base view is the prompt
     without `E`, the guided view the prompt followed by the `k` placeholders.
     """
 
@@ -377,10 +379,11 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
+    from .collator import PreferenceViewsCollator
     from .data import load_train_and_test
     from .metrics import PTUNE_EVENTS_SUFFIX, TensorBoardMetricsCallback, ptune_tensorboard_tag
     from .report import use_one_progress_bar
-    from .views import PreferenceViewsCollator, tokenize_preference_dataset
+    from .views import tokenize_preference_dataset
 
     started = time.monotonic()
     remote = train_args.trust_remote_code

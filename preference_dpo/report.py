@@ -211,7 +211,8 @@ class SamplePrompt:
 
 def encode_sample_prompts(prompts: list[Any], tokenizer, tokenize_kwargs: dict[str, Any]) -> list[SamplePrompt]:
     """Both views of each prompt, tokenized exactly as training tokenizes them (`views.tokenize_views`)."""
-    from .views import template_default_system, tokenize_views
+    from .instruction import template_default_system
+    from .views import tokenize_views
 
     default_system = ""
     conversational = bool(prompts) and isinstance(prompts[0], list)

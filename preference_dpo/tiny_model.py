@@ -251,7 +251,7 @@ class _Encoder:
     """(prompt ids, response ids) exactly as preference training tokenizes them (`views.tokenize_views`)."""
 
     def __init__(self, tokenizer):
-        from .views import template_default_system
+        from .instruction import template_default_system
 
         self.tokenizer = tokenizer
         self.default_system = template_default_system(tokenizer)

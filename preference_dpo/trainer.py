@@ -31,24 +31,14 @@ import torch
 from trl import DPOTrainer
 
 from .cache import base_weights_hash, cached_columns, log_reference_pass, make_key, reference_fingerprint
+from .collator import split_views
 from .errors import UserInputError
 from .faults import FaultTolerantTrainer
-from .losses import (
-    DISTILL_FORMS,
-    LMHead,
-    aligned_active,
-    aligned_loss,
-    chunked_rows,
-    pref_advantage_ratio,
-    preference_stats,
-    reduce_token_kl,
-    token_kl,
-    topk_teacher,
-    topk_token_kl,
-    uses_reference_target,
-)
+from .forms import form_for
+from .forms.base import FormInputs, GuidedLogps
+from .losses import LMHead, aligned_active, pref_advantage_ratio, preference_stats, topk_teacher
+from .soft_prompt import insert_soft_tokens
 from .teacher import TEACHER_COLUMNS
-from .views import insert_soft_tokens, split_views
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +206,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
     """DPO on the base view, plus `ALPHA * aligned_loss` against the guided view (docs/method.md).
 
     Datasets must come from `views.tokenize_preference_dataset` and batches from
-    `views.PreferenceViewsCollator`. `prompt_embedding` ([k, hidden]) selects embedding mode.
+    `collator.PreferenceViewsCollator`. `prompt_embedding` ([k, hidden]) selects embedding mode.
     """
 
     def __init__(
@@ -230,22 +220,17 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         with trl_weight_hash_skipped():
             super().__init__(*args, **kwargs)
         self._restore_lora_dropout()
-        if self.args.align_loss in DISTILL_FORMS:  # the losses whose logits are computed from hidden states
+        self.form = form_for(self.args)
+        if self.form.per_token:  # its logits are computed from hidden states
             causal_lm = self._unwrapped(self.model)[1]
             check_lm_head(causal_lm, lm_head_of(causal_lm), self.args.align_loss)
-        precompute = None
-        if self.args.align_loss == "ref_distill" and self.args.distill_top_k:
-            precompute = self._precompute_topk_teacher
-        elif (
-            self.args.align_loss == "ref_distill" and self.ref_model is None and not hasattr(self.model, "peft_config")
-        ):
-            raise ValueError("ALIGN_LOSS=ref_distill without LoRA needs a reference model or --distill_top_k.")
-        elif uses_reference_target(self.args.align_loss) and self.args.align_loss != "ref_distill":
-            precompute = self._precompute_ref_guided_logps  # ref_hinge; exact ref_distill scores it every step
-        if precompute is not None:
-            self.train_dataset = precompute(self.train_dataset, "train")
-            if self.eval_dataset is not None:
-                self.eval_dataset = precompute(self.eval_dataset, "eval")
+        self.train_dataset = self.form.prepare(self, self.train_dataset, "train")
+        if self.eval_dataset is not None:
+            self.eval_dataset = self.form.prepare(self, self.eval_dataset, "eval")
+
+    def has_reference(self) -> bool:
+        """Whether a frozen reference can run during training: a separate model, or the policy's adapter off."""
+        return self.ref_model is not None or hasattr(self._unwrapped(self.model)[0], "peft_config")
 
     def _reference_key(self, trl_columns: bool = False) -> str:
         """What the precomputed reference values depend on besides the pairs' tokens (the data set's fingerprint,
@@ -267,7 +252,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         with random_state_kept():  # a cache hit and a miss leave training the same random state
             return super()._precompute_ref_logps(dataset, name, batch_size)
 
-    def _precompute_ref_guided_logps(self, dataset, name: str):
+    def precompute_reference_guided(self, dataset, name: str):
         """The reference model's guided-view log-probs of every pair, once, as two new columns (`ref_hinge`);
         reused across runs from a file beside the data set, keyed like TRL's reference columns plus the soft
         prompt and the guided-forward layout."""
@@ -297,7 +282,8 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         with adapter_off:
             for batch in loader:
                 _, guided = split_views(batch)
-                c, r = self.accelerator.gather_for_metrics(self._guided_logps(model, guided))
+                logps = self._guided_logps(model, guided)
+                c, r = self.accelerator.gather_for_metrics((logps.chosen, logps.rejected))
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())
         self.model.train(was_training)
@@ -353,7 +339,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             return model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return model, contextlib.nullcontext()  # no adapter: the policy before training (precompute only)
 
-    def _precompute_topk_teacher(self, dataset, name: str):
+    def precompute_topk_teacher(self, dataset, name: str):
         """The reference's top-K guided teacher of every pair, once, as new columns (`teacher.py`)."""
         from accelerate.utils import broadcast_object_list
 
@@ -368,15 +354,17 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             _, guided = split_views(self._prepare_inputs(self.data_collator(examples)))
             model, adapter_off = self._reference(policy)
             with adapter_off:
-                chosen, rejected, hidden = self._guided_logps(model, guided, return_hidden=True)
-            rows = [topk_teacher(self._head_logits(teacher_lm, h), self.args.distill_top_k) for h in hidden.split(256)]
-            ids, logps, log_rest = (torch.cat(part) for part in zip(*rows, strict=True))
+                reference = self._guided_logps(model, guided, with_hidden=True)
+            head = lm_head_of(teacher_lm)
+            rows = [topk_teacher(head.logits(h), self.args.distill_top_k) for h in reference.hidden.split(256)]
+            ids, top_logps, log_rest = (torch.cat(part) for part in zip(*rows, strict=True))
             teacher_chosen, teacher_rejected = split_rows(
-                ids, logps, log_rest, guided["completion_attention_mask"].sum(1)
+                ids, top_logps, log_rest, guided["completion_attention_mask"].sum(1)
             )
             return {
                 "teacher_chosen": teacher_chosen, "teacher_rejected": teacher_rejected,
-                REFERENCE_GUIDED_COLUMNS[0]: chosen.float().tolist(), REFERENCE_GUIDED_COLUMNS[1]: rejected.float().tolist(),
+                REFERENCE_GUIDED_COLUMNS[0]: reference.chosen.float().tolist(),
+                REFERENCE_GUIDED_COLUMNS[1]: reference.rejected.float().tolist(),
             }  # fmt: skip
 
         was_training = self.model.training
@@ -392,10 +380,6 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             "Top-%d teacher of the reference for %d %s pairs ready", self.args.distill_top_k, len(dataset), name
         )
         return dataset
-
-    def _head_logits(self, causal_lm, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits of final hidden states through the model's LM head (the distillation forms)."""
-        return lm_head_of(causal_lm).logits(hidden)
 
     def _unwrapped(self, model) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(the model without DeepSpeed/DDP wrapping, its causal LM without the PEFT wrapper)."""
@@ -429,19 +413,16 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         """Replace the placeholder embeddings at `mask` by the soft prompt, k rows per sequence, in order."""
         return insert_soft_tokens(embeds, mask, self.prompt_embedding)
 
-    def _guided_logps(self, model, guided: dict[str, torch.Tensor], return_hidden: bool = False):
-        """Summed response log-probs of the guided view: policy weights, no gradient, eval mode (no dropout).
-
-        `return_hidden` (shared-prompt layout only) also returns the final hidden states at the response
-        positions, ordered like the base view's (chosen rows, then rejected rows, tokens in order).
-        """
+    def _guided_logps(self, model, guided: dict[str, torch.Tensor], with_hidden: bool = False) -> GuidedLogps:
+        """The guided view's summed response log-probs: `model`'s weights, no gradient, eval mode (no dropout);
+        `with_hidden`: also its final hidden states at the response positions, in the base view's order."""
         # the unwrapped model: a DeepSpeed engine's own `training` flag stays True whatever mode its module is in
         with torch.no_grad(), evaluation_mode(self._unwrapped(model)[0]):
             if "prompt_input_ids" in guided:
-                return self._guided_logps_shared_prompt(model, guided, return_hidden)
-            return self._guided_logps_full(model, guided)
+                return self._guided_logps_shared_prompt(model, guided, with_hidden)
+            return self._guided_logps_full(model, guided, with_hidden)
 
-    def _guided_logps_shared_prompt(self, model, guided: dict[str, torch.Tensor], return_hidden: bool = False):
+    def _guided_logps_shared_prompt(self, model, guided: dict[str, torch.Tensor], with_hidden: bool) -> GuidedLogps:
         """Each guided prompt once; both responses on its KV cache, expanded to the pair.
 
         The prompt pass stops one token short, so that the response pass starts with the prompt's last
@@ -466,6 +447,9 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             chosen, rejected = t.chunk(2, dim=0)
             return torch.stack([chosen, rejected], dim=1).flatten(0, 1)
 
+        def in_base_order(t: torch.Tensor) -> torch.Tensor:  # pairs interleaved -> chosen rows, then rejected
+            return torch.cat([t[0::2], t[1::2]])
+
         completion, completion_mask = (
             interleave(guided["completion_ids"]),
             interleave(guided["completion_attention_mask"]),
@@ -482,120 +466,122 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             "position_ids": last + torch.arange(inputs_embeds.size(1), device=last.device),
             "past_key_values": cache,
         }
-        if not return_hidden:
+        if not with_hidden:
             logps = model(**response_pass, labels=labels, fused_lm_head=True).log_probs.sum(dim=1)
-            return logps[0::2], logps[1::2]
-        hidden = causal_lm.base_model(**response_pass).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        scored = targets != -100
-        token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-        token_logps[scored] = token_logps_from_hidden(hidden[scored], lm_head_of(causal_lm), targets[scored])
-        logps = token_logps.sum(dim=1)
-        in_base_order = torch.cat([hidden[0::2], hidden[1::2]])[torch.cat([scored[0::2], scored[1::2]])]
-        return logps[0::2], logps[1::2], in_base_order
+            return GuidedLogps(logps[0::2], logps[1::2])
+        hidden = causal_lm.base_model(**response_pass).last_hidden_state
+        logps, hidden, scored = self._scored_from_hidden(causal_lm, hidden, labels)
+        return GuidedLogps(logps[0::2], logps[1::2], in_base_order(hidden)[in_base_order(scored)])
 
-    def _guided_logps_full(self, model, guided: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole guided sequences, chosen and rejected each with its own copy of the prompt."""
+    def _guided_logps_full(self, model, guided: dict[str, torch.Tensor], with_hidden: bool) -> GuidedLogps:
+        """Whole guided sequences, chosen and rejected each with its own copy of the prompt (rows: chosen...,
+        rejected..., the base view's order)."""
         labels = guided["input_ids"].masked_fill(guided["completion_mask"] == 0, -100)
         kwargs: dict[str, Any] = {"attention_mask": guided["attention_mask"], "use_cache": False}
+        unwrapped, causal_lm = self._unwrapped(model)
         if "soft_token_mask" in guided:
-            embeds = self._unwrapped(model)[0].get_input_embeddings()(guided["input_ids"])
+            embeds = unwrapped.get_input_embeddings()(guided["input_ids"])
             kwargs["inputs_embeds"] = self._insert_soft_tokens(embeds, guided["soft_token_mask"])
         else:
             kwargs["input_ids"] = guided["input_ids"]
-        outputs = model(**kwargs, labels=labels, fused_lm_head=True)
-        return sequence_logps(outputs.log_probs, guided["completion_mask"])
+        if not with_hidden:
+            outputs = model(**kwargs, labels=labels, fused_lm_head=True)
+            return GuidedLogps(*sequence_logps(outputs.log_probs, guided["completion_mask"]))
+        hidden = causal_lm.base_model(**kwargs).last_hidden_state
+        logps, hidden, scored = self._scored_from_hidden(causal_lm, hidden, labels)
+        return GuidedLogps(*logps.chunk(2), hidden[scored])
+
+    @staticmethod
+    def _scored_from_hidden(causal_lm, hidden: torch.Tensor, labels: torch.Tensor):
+        """(summed log-probs of each row's labelled tokens, the hidden states that predict a next token, which of
+        them predict a labelled one), scored through the model's LM head from its final hidden states."""
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+        scored = targets != -100
+        token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        token_logps[scored] = token_logps_from_hidden(hidden[scored], lm_head_of(causal_lm), targets[scored])
+        return token_logps.sum(dim=1), hidden, scored
 
     def _compute_loss(self, model, inputs, return_outputs):
+        """TRL's DPO loss of the base view, plus ALPHA x the form's aligned loss, and the metrics of both."""
         mode = "train" if self.model.training else "eval"
         base, guided = split_views(inputs)
         unwrapped, causal_lm = self._unwrapped(model)
-        distill = self.args.align_loss in DISTILL_FORMS
-        # the distill forms also need the base view's final hidden states (with gradient), from the same forward
-        backbone = capture_outputs(causal_lm.base_model, fused_only=False) if distill else contextlib.nullcontext()
+        # the per-token forms also need the base view's final hidden states (with gradient), from the same forward
+        per_token = self.form.per_token
+        backbone = capture_outputs(causal_lm.base_model, fused_only=False) if per_token else contextlib.nullcontext()
         with capture_outputs(unwrapped) as captured, backbone as backbone_outputs, input_grad_hooks_kept(causal_lm):
             result = super()._compute_loss(model, base, return_outputs)
         dpo_loss = result[0] if return_outputs else result
         metrics = self._metrics[mode]
-        gather = self.accelerator.gather
-        metrics["dpo_loss"].append(gather(dpo_loss.detach()).mean().item())
-
-        loss = dpo_loss
-        aligned = teacher = None
+        metrics["dpo_loss"].append(self._mean(dpo_loss))
+        loss, aligned = dpo_loss, None
         weight = self.args.aligned_loss_weight
-        reference_target = uses_reference_target(self.args.align_loss)
-        # Training with ALPHA=0 is plain DPO, and `ref_hinge` and `ref_distill` take their target and teacher
-        # from the reference: both skip the policy's guided forward. Evaluation always measures the guided view.
-        policy_guided = mode == "eval" or (weight > 0 and not reference_target)
-        if weight > 0 or mode == "eval":
-            base_chosen, base_rejected = sequence_logps(captured[0].log_probs, base["completion_mask"])
-            h_base = base_chosen - base_rejected
-            metrics["accuracy_base"].append(gather((h_base.detach() > 0).float()).mean().item())
-            metrics["margin_base"].append(gather(h_base.detach()).mean().item())
-            if self.args.align_loss == "ref_distill" and not self.args.distill_top_k:  # exact: the teacher runs now
-                reference, adapter_off = self._reference(model)
-                with adapter_off:
-                    guided["ref_chosen_logps"], guided["ref_rejected_logps"], teacher = self._guided_logps(
-                        reference, guided, return_hidden=True
-                    )
-            if policy_guided:
-                if self.args.align_loss == "distill":
-                    guided_chosen, guided_rejected, teacher = self._guided_logps(model, guided, return_hidden=True)
-                else:
-                    guided_chosen, guided_rejected = self._guided_logps(model, guided)
-                stats = preference_stats(base_chosen, base_rejected, guided_chosen, guided_rejected)
-                h_pref = guided_chosen - guided_rejected
-                metrics["accuracy_guided"].append(gather((h_pref > 0).float()).mean().item())
-                metrics["margin_guided"].append(gather(h_pref).mean().item())
-                metrics["pref_advantage_ratio"].append(pref_advantage_ratio(gather(stats.advantage)).item())
-                metrics["pref_delta_w"].append(gather(stats.delta_w).mean().item())
-                metrics["pref_delta_l"].append(gather(stats.delta_l).mean().item())
-            if reference_target:
-                target = guided["ref_chosen_logps"] - guided["ref_rejected_logps"]
-            else:
-                target = guided_chosen - guided_rejected
-            if distill:
-                aligned = self._distill_loss(base, guided, backbone_outputs[0], causal_lm, teacher)
-            else:
-                aligned = aligned_loss(self.args.align_loss, target, h_base)
+        if weight > 0 or mode == "eval":  # training with ALPHA=0 is plain DPO; evaluation measures every view
+            form_inputs = self._form_inputs(mode, model, base, guided, captured[0], backbone_outputs)
+            aligned = self.form.loss(form_inputs)
             if weight > 0:
                 loss = dpo_loss + weight * aligned
-            metrics["aligned_loss"].append(gather(aligned.detach()).mean().item())
-            metrics[f"{self.args.align_loss}_loss"].append(metrics["aligned_loss"][-1])
-            metrics["aligned_active_frac"].append(gather(aligned_active(target, h_base)).mean().item())
+            self._log_form_metrics(metrics, form_inputs, aligned)
         if mode == "train":
             loss = self._check_finite(loss, dpo_loss, aligned)
         return (loss, result[1]) if return_outputs else loss
 
-    def _distill_loss(self, base, guided, student_outputs, causal_lm, teacher_hidden) -> torch.Tensor:
-        """`distill` / `ref_distill`: the KL at every base-view response position, reduced per --distill_reduction.
-
-        The student is the base view's final hidden states of TRL's forward (with gradient). The teacher is the
-        guided view's final hidden states (`distill`; exact `ref_distill`, from the reference and through its
-        own LM head), or the precomputed top-K rows of the batch (`ref_distill --distill_top_k`).
-        """
+    def _form_inputs(self, mode, model, base, guided, base_output, backbone_outputs) -> FormInputs:
+        """What this batch offers the form: the base view from TRL's forward, the guided views on demand."""
+        _, causal_lm = self._unwrapped(model)
         response = base["completion_mask"][:, 1:].bool()
-        lengths = response.sum(1)
-        student = student_outputs.last_hidden_state[:, :-1][response]
+        student = None
+        if backbone_outputs:
+            student = backbone_outputs[0].last_hidden_state[:, :-1][response]
 
-        def student_logits(hidden):
-            return self._head_logits(causal_lm, hidden)
+        def guided_pass(who: str, with_hidden: bool) -> GuidedLogps:
+            if who == "policy":
+                return self._guided_logps(model, guided, with_hidden)
+            if "ref_chosen_logps" in guided and not with_hidden:  # precomputed (ref_hinge, top-K ref_distill)
+                return GuidedLogps(guided["ref_chosen_logps"], guided["ref_rejected_logps"])
+            reference, adapter_off = self._reference(model)
+            with adapter_off:
+                return self._guided_logps(reference, guided, with_hidden)
 
-        if "teacher_ids" in guided:
-            if not torch.equal(guided["teacher_lengths"].to(lengths.device), lengths):
-                raise RuntimeError("The precomputed teacher's response positions differ from the batch's.")
-            per_token = chunked_rows(
-                lambda s, i, lp, r: topk_token_kl(student_logits(s), i, lp, r),
-                student, guided["teacher_ids"], guided["teacher_logps"], guided["teacher_log_rest"],
-            )  # fmt: skip
-        else:
-            teacher_lm = causal_lm
-            if self.args.align_loss == "ref_distill" and self.ref_model is not None:
-                teacher_lm = self._unwrapped(self.ref_model)[1]
-            per_token = chunked_rows(
-                lambda s, t: token_kl(student_logits(s), self._head_logits(teacher_lm, t)), student, teacher_hidden
+        def lm_heads(who: str) -> LMHead:
+            if who == "reference" and self.ref_model is not None:
+                return lm_head_of(self._unwrapped(self.ref_model)[1])
+            return lm_head_of(causal_lm)
+
+        return FormInputs(
+            mode=mode,
+            base=GuidedLogps(*sequence_logps(base_output.log_probs, base["completion_mask"])),
+            batch=guided,
+            response_lengths=response.sum(1),
+            guided_pass=guided_pass,
+            lm_heads=lm_heads,
+            token_mean_divisor=self._token_mean_divisor,
+            student_hidden=student,
+        )
+
+    def _log_form_metrics(self, metrics: dict[str, list[float]], inputs: FormInputs, aligned: torch.Tensor) -> None:
+        """The metrics every form logs (docs/method.md, "Metrics"); the guided view's whenever the policy's guided
+        forward ran (always in evaluation; in training for the forms whose teacher it is)."""
+        h_base = inputs.base.margin.detach()
+        metrics["accuracy_base"].append(self._mean((h_base > 0).float()))
+        metrics["margin_base"].append(self._mean(h_base))
+        if inputs.mode == "eval" or inputs.guided_computed("policy"):
+            policy = inputs.guided("policy")
+            stats = preference_stats(inputs.base.chosen, inputs.base.rejected, policy.chosen, policy.rejected)
+            metrics["accuracy_guided"].append(self._mean((policy.margin > 0).float()))
+            metrics["margin_guided"].append(self._mean(policy.margin))
+            metrics["pref_advantage_ratio"].append(
+                pref_advantage_ratio(self.accelerator.gather(stats.advantage)).item()
             )
-        return reduce_token_kl(per_token, lengths, self.args.distill_reduction, self._token_mean_divisor(lengths))
+            metrics["pref_delta_w"].append(self._mean(stats.delta_w))
+            metrics["pref_delta_l"].append(self._mean(stats.delta_l))
+        metrics["aligned_loss"].append(self._mean(aligned.detach()))
+        metrics[f"{self.form.name}_loss"].append(metrics["aligned_loss"][-1])
+        metrics["aligned_active_frac"].append(self._mean(aligned_active(self.form.target(inputs), h_base)))
+
+    def _mean(self, value: torch.Tensor) -> float:
+        """The mean over every rank's values (the figure a metric logs)."""
+        return self.accelerator.gather(value.detach()).mean().item()
 
     def _token_mean_divisor(self, lengths: torch.Tensor) -> torch.Tensor | None:
         """What `token_mean` divides one micro-batch's KL sum by: N / (G x W), N the response positions of the
@@ -619,7 +605,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """`token_mean`: the response positions of one optimizer step's micro-batches on all ranks (the count that
         transformers makes of label tokens, which DPO batches do not have); passed to `compute_loss`."""
-        if self.args.align_loss not in DISTILL_FORMS or self.args.distill_reduction != "token_mean":
+        if not self.form.per_token or self.args.distill_reduction != "token_mean":
             return super()._get_num_items_in_batch(batch_samples, device)
         count = torch.zeros((), dtype=torch.long, device=device)
         for batch in batch_samples:

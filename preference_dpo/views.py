@@ -7,151 +7,24 @@ fit too and keeps the two views' completions identical.
 
 - Text mode: `p` is text placed in the prompt (`insert_instruction`) and tokenized with it.
 - Embedding mode: `p` is `k` soft tokens. The guided prompt is the base prompt followed by `k`
-  placeholder ids; the trainer swaps their input embeddings for the loaded tensor (`soft_token_mask`).
+  placeholder ids; the trainer swaps their input embeddings for the loaded tensor (`soft_token_mask`,
+  `soft_prompt.insert_soft_tokens`).
+
+The instruction's text and the template's own system message live in `instruction.py`, soft-prompt files in
+`soft_prompt.py`, batching in `collator.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from trl.data_utils import common_prefix_length
-from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import pad
 
 from .errors import UserInputError
+from .instruction import insert_instruction, template_default_system
 
 logger = logging.getLogger(__name__)
-
-
-# --- text mode ---------------------------------------------------------------------------------------
-
-
-def template_default_system(tokenizer) -> str:
-    """The system text a chat template renders for a conversation that has none ("" if it adds none).
-
-    Qwen2.5's template adds "You are Qwen, created by Alibaba Cloud. ..." when no system message is given.
-    A guided prompt that brought its own system message would silently drop that text, and the two views
-    would differ by more than the instruction; so the instruction is appended to this default instead.
-    Only PREFERENCE_POSITION=system needs it: a template that refuses a system message (Gemma, Mistral v0.1)
-    is a `UserInputError` that suggests PREFERENCE_POSITION=user.
-    """
-    from jinja2.exceptions import TemplateError
-
-    sentinel = "\x1fSYSTEM\x1f"
-    user = [{"role": "user", "content": "x"}]
-    plain = tokenizer.apply_chat_template(user, tokenize=False)
-    try:
-        with_system = tokenizer.apply_chat_template([{"role": "system", "content": sentinel}, *user], tokenize=False)
-    except TemplateError as e:
-        raise UserInputError(
-            f"The tokenizer's chat template does not accept a system message ({str(e).strip() or 'TemplateError'}), so "
-            "PREFERENCE_POSITION=system has nowhere to put the instruction; set PREFERENCE_POSITION=user (the "
-            "instruction then opens the first user message)."
-        ) from None
-    if sentinel not in with_system:
-        return ""
-    head, tail = with_system.split(sentinel, 1)
-    if plain.startswith(head) and plain.endswith(tail) and len(plain) > len(head) + len(tail):
-        return plain[len(head) : len(plain) - len(tail)]
-    return ""
-
-
-def insert_instruction(
-    prompt: str | list[dict[str, str]], text: str, position: str = "system", default_system: str = ""
-):
-    """The prompt with the instruction `text` in it (a new object; `prompt` is not modified).
-
-    Plain strings: `text`, a blank line, the prompt. Conversations, `position="system"`: appended after a
-    blank line to the first system message, or else to the chat template's `default_system` text in a new
-    system message first; `position="user"`: before the first user message, followed by a blank line.
-    """
-    if isinstance(prompt, str):
-        return f"{text}\n\n{prompt}"
-    messages = [dict(m) for m in prompt]
-    if position == "system":
-        if messages and messages[0]["role"] == "system":
-            messages[0]["content"] = f"{messages[0]['content']}\n\n{text}"
-        else:
-            content = f"{default_system}\n\n{text}" if default_system else text
-            messages.insert(0, {"role": "system", "content": content})
-        return messages
-    if position == "user":
-        for message in messages:
-            if message["role"] == "user":
-                message["content"] = f"{text}\n\n{message['content']}"
-                return messages
-        raise UserInputError("A conversational prompt has no user message to put the instruction before.")
-    raise ValueError(f"unknown instruction position {position!r}")
-
-
-# --- embedding mode ----------------------------------------------------------------------------------
-
-
-def load_prompt_embedding(path: str | os.PathLike, hidden_size: int) -> torch.Tensor:
-    """Read and check a soft prompt: a float tensor [k, hidden_size] (or [hidden_size], read as k=1).
-
-    Never runs pickled code: `.safetensors` files are read with safetensors, anything else with
-    `torch.load(weights_only=True)`, which refuses arbitrary objects. Accepted containers: a bare tensor,
-    or a dict holding exactly one 2-D float tensor.
-    """
-    where = f"PROMPT_EMBEDDING_PATH {str(path)!r}"
-    if not os.path.isfile(path):
-        raise UserInputError(f"{where}: no such file.")
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            content: Any = load_file(str(path))
-        else:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; the message says what was refused
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it holds pickled Python objects, which are refused so that loading cannot run code"
-        raise UserInputError(f"{where}: cannot be read as a tensor file: {reason}.") from None
-
-    if isinstance(content, dict):
-        candidates = {k: v for k, v in content.items() if torch.is_tensor(v) and v.dim() == 2 and v.is_floating_point()}
-        if len(candidates) != 1:
-            raise UserInputError(
-                f"{where}: a dict must hold exactly one 2-D float tensor (e.g. 'prompt_embeddings'); "
-                f"found {len(candidates)} among keys {sorted(map(str, content))}."
-            )
-        content = next(iter(candidates.values()))
-    if not torch.is_tensor(content):
-        raise UserInputError(f"{where}: holds a {type(content).__name__}, not a tensor.")
-    if not content.is_floating_point():
-        raise UserInputError(f"{where}: tensor has dtype {content.dtype}; soft prompts must be floating point.")
-    if content.dim() == 1:
-        content = content.unsqueeze(0)
-    if content.dim() != 2:
-        raise UserInputError(
-            f"{where}: tensor has shape {tuple(content.shape)}; expected [num_tokens, hidden_size] or [hidden_size]."
-        )
-    if content.numel() == 0 or content.shape[0] == 0:
-        raise UserInputError(f"{where}: tensor is empty (shape {tuple(content.shape)}); it needs at least one token.")
-    if content.shape[1] != hidden_size:
-        raise UserInputError(
-            f"{where}: embedding dimension is {content.shape[1]} but the model's hidden size is {hidden_size}; "
-            "use embeddings trained for this model."
-        )
-    if not torch.isfinite(content).all():
-        raise UserInputError(f"{where}: tensor holds NaN or Inf values.")
-    return content.detach().to(torch.float32).contiguous()
-
-
-def insert_soft_tokens(embeds: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """`embeds` [rows, len, d] with the placeholders at `mask` replaced by the soft prompt `soft` [k, d].
-
-    Each row holds `k` placeholders, in order (`tokenize_views` puts them right after the prompt); `soft`
-    keeps its gradient, so the same function serves embedding mode and the stage that learns the prompt.
-    """
-    soft = soft.to(device=embeds.device, dtype=embeds.dtype)
-    return embeds.masked_scatter(mask.unsqueeze(-1), soft.repeat(embeds.size(0), 1))
 
 
 # --- tokenization of both views ------------------------------------------------------------------------
@@ -347,72 +220,3 @@ def log_pair_counts(counts: dict[str, Any]) -> None:
             name,
             counts["max_length"],
         )
-
-
-# --- batching ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class PreferenceViewsCollator(DataCollatorForPreference):
-    """TRL's preference collator, plus the guided view of the same pairs under `guided_*` keys.
-
-    `guided_forward="shared_prompt"`: the guided prompts once per pair, left-padded so that they all end
-    in the last column (`guided_prompt_input_ids`, `guided_prompt_attention_mask`), and the responses
-    alone, right-padded, chosen rows then rejected rows (`guided_completion_ids`,
-    `guided_completion_attention_mask`). `guided_forward="full"`: whole guided sequences laid out like the
-    base batch (`guided_input_ids`, `guided_attention_mask`, `guided_completion_mask`).
-    The soft-token mask (embedding mode) marks the `num_soft_tokens` placeholders ending each guided prompt.
-    """
-
-    num_soft_tokens: int = 0
-    guided_forward: str = "shared_prompt"
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = super().torch_call(examples)
-        if "ref_guided_chosen_logps" in examples[0]:  # ALIGN_LOSS=ref_hinge: the reference's guided view
-            for side in ("chosen", "rejected"):
-                batch[f"guided_ref_{side}_logps"] = torch.tensor([ex[f"ref_guided_{side}_logps"] for ex in examples])
-        if "teacher_chosen" in examples[0]:  # ALIGN_LOSS=ref_distill --distill_top_k: the precomputed teacher
-            from .teacher import collate_teacher
-
-            batch.update(collate_teacher(examples))
-        if self.guided_forward == "shared_prompt":
-            batch.update(self._shared_prompt_view(examples))
-            return batch
-        guided_examples = [
-            {"prompt_ids": ex["guided_prompt_ids"], "chosen_ids": ex["chosen_ids"], "rejected_ids": ex["rejected_ids"]}
-            for ex in examples
-        ]
-        guided = super().torch_call(guided_examples)
-        batch["guided_input_ids"] = guided["input_ids"]
-        batch["guided_attention_mask"] = guided["attention_mask"]
-        batch["guided_completion_mask"] = guided["completion_mask"]
-        if self.num_soft_tokens:
-            mask = torch.zeros_like(guided["input_ids"], dtype=torch.bool)
-            for row, ex in enumerate(guided_examples + guided_examples):  # rows: chosen..., rejected...
-                end = len(ex["prompt_ids"])
-                mask[row, end - self.num_soft_tokens : end] = True
-            batch["guided_soft_token_mask"] = mask
-        return batch
-
-    def _shared_prompt_view(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts = [torch.tensor(ex["guided_prompt_ids"]) for ex in examples]
-        completions = [torch.tensor(ex[key]) for key in ("chosen_ids", "rejected_ids") for ex in examples]
-        view = {
-            "guided_prompt_input_ids": pad(prompts, padding_value=self.pad_token_id, padding_side="left"),
-            "guided_prompt_attention_mask": pad([torch.ones_like(p) for p in prompts], 0, padding_side="left"),
-            "guided_completion_ids": pad(completions, padding_value=self.pad_token_id, padding_side="right"),
-            "guided_completion_attention_mask": pad([torch.ones_like(c) for c in completions], 0, padding_side="right"),
-        }
-        if self.num_soft_tokens:
-            mask = torch.zeros_like(view["guided_prompt_input_ids"], dtype=torch.bool)
-            mask[:, -self.num_soft_tokens :] = True  # left-padded: every prompt ends in the last column
-            view["guided_prompt_soft_token_mask"] = mask
-        return view
-
-
-def split_views(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(base inputs as TRL expects them, guided inputs with the `guided_` prefix removed)."""
-    base = {k: v for k, v in inputs.items() if not k.startswith("guided_")}
-    guided = {k.removeprefix("guided_"): v for k, v in inputs.items() if k.startswith("guided_")}
-    return base, guided

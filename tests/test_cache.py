@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from preference_dpo.cache import DatasetCache
+from preference_dpo.collator import PreferenceViewsCollator
 from preference_dpo.config import DataArguments, ModelArguments, PreferenceDPOConfig
 from preference_dpo.data import load_preference_dataset
 from preference_dpo.pipeline import tokenized_views
 from preference_dpo.trainer import PreferenceGuidedDPOTrainer
-from preference_dpo.views import PreferenceViewsCollator
 
 from .conftest import write_jsonl
 

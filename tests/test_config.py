@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
-from preference_dpo.config import LAUNCHER_VARIABLES, parse_args
+from preference_dpo.config import parse_args
 from preference_dpo.errors import UserInputError
+from preference_dpo.variables import LAUNCHER_VARIABLES
 
 from .conftest import REPO
 

@@ -2,8 +2,8 @@
 
 import re
 
-from preference_dpo.config import LAUNCHER_VARIABLES
 from preference_dpo.metrics import METRIC_TAGS, PTUNE_METRIC_TAGS
+from preference_dpo.variables import LAUNCHER_VARIABLES
 
 from .conftest import REPO
 

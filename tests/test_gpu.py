@@ -101,7 +101,7 @@ def test_shared_prompt_guided_view_equals_full_in_bf16(tiny_model_dir, tokenizer
     above bf16 rounding, while the two layouts round differently: the shared layout's bf16 error must stay
     within 3x the full layout's, plus 0.02 nats. On CPU (same test, bf16 kernels of torch 2.13) both errors
     were 0.014-0.015 nats on sums of 76-192 nats, and the layouts differed by at most 0.005."""
-    from preference_dpo.views import PreferenceViewsCollator, split_views
+    from preference_dpo.collator import PreferenceViewsCollator, split_views
 
     soft = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)) * 0.1 if k else None
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, soft=soft)
@@ -117,7 +117,8 @@ def test_shared_prompt_guided_view_equals_full_in_bf16(tiny_model_dir, tokenizer
 
     def logps(dtype):
         model.to(dtype)
-        return {mode: torch.cat(trainer._guided_logps(model, view)) for mode, view in views.items()}
+        guided = {mode: trainer._guided_logps(model, view) for mode, view in views.items()}
+        return {mode: torch.cat([g.chosen, g.rejected]) for mode, g in guided.items()}
 
     bf16 = logps(torch.bfloat16)
     exact = logps(torch.float32)  # the bf16-rounded weights, computed in fp32

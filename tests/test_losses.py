@@ -7,7 +7,6 @@ import torch
 
 from preference_dpo.losses import (
     aligned_active,
-    aligned_loss,
     dpo_sigmoid_loss,
     hinge_aligned_loss,
     pref_advantage_ratio,
@@ -49,13 +48,6 @@ def test_hinge_hand_computed_and_gradient_only_through_base():
     assert h_pref.grad is None  # stop-gradient on the guided margin
 
 
-def test_aligned_loss_dispatches_by_name():
-    h_pref, h_base = torch.tensor([1.0, 4.0]), torch.tensor([0.0, 5.0])
-    assert aligned_loss("hinge", h_pref, h_base).item() == pytest.approx(0.5)
-    with pytest.raises(KeyError):
-        aligned_loss("nope", h_pref, h_base)
-
-
 def test_preference_stats_and_ratio():
     """delta_w = [ln 2 + 0, ...]: pick guided - base so that advantages are ln 2 and ln 8 -> ratio exp(ln 4) = 4."""
     base_chosen, base_rejected = torch.tensor([-5.0, -6.0]), torch.tensor([-7.0, -8.0])
@@ -81,15 +73,12 @@ def test_ref_hinge_uses_a_fixed_target_and_saturates():
     Once h_base passes the target the pair contributes nothing (gradient 0), unlike `hinge`, whose target
     is the policy's own instructed margin and moves with it.
     """
-    from preference_dpo.losses import uses_reference_target
-
     target = torch.tensor([2.0, 2.0])
     h_base = torch.tensor([1.0, 3.0], requires_grad=True)
-    loss = aligned_loss("ref_hinge", target, h_base)
+    loss = hinge_aligned_loss(target, h_base)
     assert loss.item() == pytest.approx(0.5)
     loss.backward()
     assert torch.equal(h_base.grad, torch.tensor([-0.5, 0.0]))
-    assert uses_reference_target("ref_hinge") and not uses_reference_target("hinge")
 
 
 def test_distill_kl_hand_computed_and_gradient_only_through_the_student():

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from preference_dpo.collator import PreferenceViewsCollator
 from preference_dpo.losses import preference_accuracy_and_margin, prompt_dpo_loss, prompt_sft_loss
 from preference_dpo.metrics import PTUNE_METRIC_TAGS
 from preference_dpo.ptune import EMBEDDING_FILE, SAFETENSORS_FILE, SUMMARY_FILE, SoftPromptModel, build_prompt_encoder
-from preference_dpo.views import PreferenceViewsCollator, tokenize_views
+from preference_dpo.views import tokenize_views
 
 from .conftest import REPO
 from .test_end_to_end import run_launcher

@@ -238,9 +238,10 @@ def precision_trainer(model_dir, tokenizer, small_data, tmp_path, precision):
     from transformers import AutoModelForCausalLM
     from trl import get_peft_config
 
+    from preference_dpo.collator import PreferenceViewsCollator
     from preference_dpo.data import load_preference_dataset
     from preference_dpo.trainer import PreferenceGuidedDPOTrainer
-    from preference_dpo.views import PreferenceViewsCollator, tokenize_preference_dataset
+    from preference_dpo.views import tokenize_preference_dataset
 
     args = PreferenceDPOConfig(
         output_dir=str(tmp_path / precision), log_dir=str(tmp_path / f"{precision}_logs"), precision=precision,

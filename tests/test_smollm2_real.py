@@ -45,7 +45,8 @@ def test_both_views_keep_smollm2s_default_system_message(smollm2):
     from transformers import AutoTokenizer
 
     from preference_dpo.config import DEFAULT_PREFERENCE_TEXT
-    from preference_dpo.views import template_default_system, tokenize_views
+    from preference_dpo.instruction import template_default_system
+    from preference_dpo.views import tokenize_views
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     default = template_default_system(tokenizer)

@@ -11,10 +11,11 @@ import torch
 from transformers import Trainer
 from trl import DPOTrainer
 
+from preference_dpo.collator import PreferenceViewsCollator
 from preference_dpo.config import ModelArguments, PreferenceDPOConfig
 from preference_dpo.losses import dpo_sigmoid_loss
 from preference_dpo.trainer import PreferenceGuidedDPOTrainer
-from preference_dpo.views import PreferenceViewsCollator, tokenize_preference_dataset
+from preference_dpo.views import tokenize_preference_dataset
 
 P = "Please provide a helpful, honest, harmless and concise answer."
 
@@ -132,7 +133,7 @@ def make_trainer(
 
 def first_batch(trainer, n=4):
     """The trainer's batch of the first n pairs, and the same pairs' whole guided sequences (`full` layout)."""
-    from preference_dpo.views import PreferenceViewsCollator
+    from preference_dpo.collator import PreferenceViewsCollator
 
     examples = [trainer.train_dataset[i] for i in range(n)]
     collator = trainer.data_collator
@@ -284,7 +285,7 @@ def test_embedding_mode_inserts_soft_tokens_after_the_prompt(tiny_model_dir, tok
     model = trainer.model
     model.eval()
     with torch.no_grad():
-        got_chosen, got_rejected = trainer._guided_logps(
+        got = trainer._guided_logps(
             model,
             {
                 "input_ids": full["guided_input_ids"],
@@ -293,6 +294,7 @@ def test_embedding_mode_inserts_soft_tokens_after_the_prompt(tiny_model_dir, tok
                 "soft_token_mask": full["guided_soft_token_mask"],
             },
         )
+        got_chosen, got_rejected = got.chosen, got.rejected
         # Build the guided embeddings by hand, row by row: prompt, soft tokens, response.
         embed = model.get_input_embeddings()
         rows = []
@@ -356,7 +358,7 @@ def test_separate_reference_model_without_precompute(tiny_model_dir, tokenizer, 
 @pytest.mark.parametrize("k", [0, 3], ids=["text", "embedding"])
 def test_shared_prompt_guided_view_equals_full_guided_view(tiny_model_dir, tokenizer, small_data, tmp_path, k):
     """The optimised guided forward (prompt once, responses on its cache) gives the plain forward's log-probs."""
-    from preference_dpo.views import PreferenceViewsCollator, split_views
+    from preference_dpo.collator import PreferenceViewsCollator, split_views
 
     soft = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)) * 0.1 if k else None
     trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path, alpha=0.5, soft=soft)
@@ -369,10 +371,15 @@ def test_shared_prompt_guided_view_equals_full_guided_view(tiny_model_dir, token
         for mode in ("full", "shared_prompt")
     }  # fmt: skip
     trainer.model.eval()
-    full = trainer._guided_logps(trainer.model, views["full"])
-    shared = trainer._guided_logps(trainer.model, views["shared_prompt"])
-    for a, b in zip(full, shared, strict=True):
+    full = trainer._guided_logps(trainer.model, views["full"], with_hidden=True)
+    shared = trainer._guided_logps(trainer.model, views["shared_prompt"], with_hidden=True)
+    for a, b in ((full.chosen, shared.chosen), (full.rejected, shared.rejected)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-4)  # fp32 sums over ~60 tokens
+    # the hidden states at the response positions: the same rows, in the same (base-view) order
+    torch.testing.assert_close(full.hidden, shared.hidden, rtol=1e-4, atol=1e-4)
+    without = trainer._guided_logps(trainer.model, views["full"])
+    assert without.hidden is None
+    torch.testing.assert_close(without.chosen, full.chosen, rtol=1e-5, atol=2e-4)  # fused head vs ours
 
 
 def test_ref_hinge_targets_the_reference_guided_margin_without_a_guided_forward(

@@ -5,14 +5,11 @@ import pickle
 import pytest
 import torch
 
+from preference_dpo.collator import PreferenceViewsCollator
 from preference_dpo.errors import UserInputError
-from preference_dpo.views import (
-    PreferenceViewsCollator,
-    insert_instruction,
-    load_prompt_embedding,
-    tokenize_preference_dataset,
-    tokenize_views,
-)
+from preference_dpo.instruction import insert_instruction
+from preference_dpo.soft_prompt import load_prompt_embedding
+from preference_dpo.views import tokenize_preference_dataset, tokenize_views
 
 P = "Be concise."
 CONV = {
@@ -38,8 +35,8 @@ def test_instruction_placement():
 
 
 def test_template_default_system_is_found_and_kept_in_the_guided_view(tokenizer):
+    from preference_dpo.instruction import template_default_system
     from preference_dpo.tiny_model import DEFAULT_SYSTEM_PROMPT
-    from preference_dpo.views import template_default_system
 
     default = template_default_system(tokenizer)
     assert default == DEFAULT_SYSTEM_PROMPT
@@ -65,7 +62,7 @@ def test_views_share_completion_tokens_and_guided_prompt_holds_instruction(token
 
 
 def test_truncation_keeps_identical_completions_within_max_length(tokenizer):
-    from preference_dpo.views import template_default_system
+    from preference_dpo.instruction import template_default_system
 
     default = template_default_system(tokenizer)
     full = tokenize_views(CONV, tokenizer, P, "system", 0, max_length=300, default_system=default)
@@ -290,8 +287,8 @@ def test_implicit_prompt_pair_views_differ_by_the_instruction_only(tokenizer):
 def test_generation_prompt_the_assistant_turn_renders_differently_is_cut_in_both_views(tokenizer):
     """Generation prompt `...assistant\\n<think>\\n`, assistant turn `...assistant\\n{content}`: both views end
     where the two renderings part, so the guided sequence does not hold `<think>` the base one lacks."""
+    from preference_dpo.instruction import template_default_system
     from preference_dpo.tiny_model import DEFAULT_SYSTEM_PROMPT
-    from preference_dpo.views import template_default_system
 
     think = think_tokenizer(tokenizer)
     out = tokenize_views(CONV, think, P, "system", 0, 300, default_system=template_default_system(think))

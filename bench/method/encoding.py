@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from preference_dpo.views import template_default_system, tokenize_views
+from preference_dpo.instruction import template_default_system
+from preference_dpo.views import tokenize_views
 
 from . import world
 

@@ -121,7 +121,7 @@ def generate(model, tokenizer, prompts: list[str], instruction: str | None = Non
     system text, as the trainer's guided view puts it (PREFERENCE_POSITION=system)."""
     import torch
 
-    from preference_dpo.views import insert_instruction, template_default_system
+    from preference_dpo.instruction import insert_instruction, template_default_system
 
     default_system = template_default_system(tokenizer)
     texts = []

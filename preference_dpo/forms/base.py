@@ -1,0 +1,91 @@
+"""The contract between the trainer and an aligned-loss form.
+
+`AlignedForm` declares what a form needs; `FormInputs` is what one batch offers it. Each quantity of
+`FormInputs` is computed when a form (or the trainer's metrics) first asks for it, once per batch, so a form
+that takes its teacher from precomputed columns never runs the policy's guided forward in training, and plain
+DPO (ALPHA=0) runs nothing extra at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from ..losses import LMHead
+
+
+@dataclass(frozen=True)
+class GuidedLogps:
+    """Summed response log-probs of one view, per pair; with `hidden`, also the final hidden states at every
+    response position, ordered like the base view's (chosen rows, then rejected rows, tokens in order)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+    @property
+    def margin(self) -> torch.Tensor:
+        return self.chosen - self.rejected
+
+
+@dataclass
+class FormInputs:
+    """One batch, as a form sees it.
+
+    `base` holds the base view's summed log-probs from TRL's forward (with gradient); `student_hidden`, for the
+    per-token forms, its final hidden states at the response positions (with gradient). The guided views come
+    from `guided_pass(who, with_hidden)`, who = "policy" (policy weights, no gradient, eval mode) or
+    "reference" (the frozen reference: its precomputed margins if the batch carries them, else a pass now).
+    """
+
+    mode: str
+    base: GuidedLogps
+    batch: dict  # the guided view's tensors and any precomputed columns (`collator.split_views`)
+    response_lengths: torch.Tensor  # response positions per row of the base view
+    guided_pass: Callable[[str, bool], GuidedLogps]
+    lm_heads: Callable[[str], LMHead]  # "policy" / "reference" -> the LM head that scores its hidden states
+    token_mean_divisor: Callable[[torch.Tensor], torch.Tensor | None]
+    student_hidden: torch.Tensor | None = None
+    _guided: dict = field(default_factory=dict)
+
+    def guided(self, who: Literal["policy", "reference"], with_hidden: bool = False) -> GuidedLogps:
+        """`who`'s guided view of the pairs, computed once per batch (again only to add hidden states)."""
+        done = self._guided.get(who)
+        if done is None or (with_hidden and done.hidden is None):
+            self._guided[who] = done = self.guided_pass(who, with_hidden)
+        return done
+
+    def guided_computed(self, who: str) -> bool:
+        return who in self._guided
+
+
+class AlignedForm:
+    """One form of the aligned loss (docs/method.md, "Forms of the aligned loss").
+
+    Class attributes declare what it needs:
+    - `teacher`: whose instructed view the un-instructed policy is pulled towards, "policy" (its own, no
+      gradient) or "reference" (the frozen base model's); its margin is the target of `aligned_active_frac`;
+    - `per_token`: it compares next-token distributions at every response position, so it needs the base
+      view's final hidden states with gradient and the model's LM head (checked once at start).
+    """
+
+    name: ClassVar[str]
+    teacher: ClassVar[Literal["policy", "reference"]]
+    per_token: ClassVar[bool] = False
+
+    def __init__(self, args) -> None:
+        self.args = args
+
+    def prepare(self, trainer, dataset, split: str):
+        """`dataset` with whatever the form reads from the reference precomputed (default: nothing)."""
+        return dataset
+
+    def target(self, inputs: FormInputs) -> torch.Tensor:
+        """The instructed margin the pairs aim at: `aligned_active_frac` counts the pairs below it."""
+        return inputs.guided(self.teacher).margin
+
+    def loss(self, inputs: FormInputs) -> torch.Tensor:
+        raise NotImplementedError
