@@ -1,7 +1,9 @@
-"""One training run, end to end: check inputs, load, train, evaluate, save.
+"""The DPO stage, end to end: `run` is its recipe, one named step per function below.
 
 Order matters for the user: everything that can be wrong with the inputs (data files, the model's
-config, the embedding file, the token limits) is checked before any model weights are loaded.
+config, the embedding file, the token limits) is checked before any model weights are loaded. The steps the
+soft-prompt stage shares (the tokenizer, training to the end with its signals and evaluation) are in
+`stage.py`, the fault handling in `faults.py`.
 """
 
 from __future__ import annotations
@@ -11,21 +13,29 @@ import json
 import logging
 import shutil
 import time
-from importlib.metadata import version
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .checkpoints import RUN_CONFIG_NAME, clear_previous_run, move_into
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig
 from .errors import UserInputError
-from .faults import end_if_stopped, starting_checkpoint, stop_on_signal, train
+from .faults import starting_checkpoint, stop_on_signal
+from .stage import (
+    STAGING_DIR,
+    TOKENIZED_DIR,
+    Trained,
+    check_causal_lm,
+    library_versions,
+    load_tokenizer,
+    model_dtype,
+    tokenize_settings,
+    train_and_evaluate,
+)
 from .teacher import TEACHER_DIR
 from .variables import describe
 
 logger = logging.getLogger(__name__)
-
-LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "tokenizers")
-STAGING_DIR = ".final_outputs_incomplete"
-TOKENIZED_DIR = ".tokenized"
 
 
 def tokenized_views(split: str, path: str, raw, data_args, tokenizer, tokenize_kwargs: dict, train_args, cache):
@@ -59,24 +69,6 @@ def tokenized_views(split: str, path: str, raw, data_args, tokenizer, tokenize_k
     if not built and train_args.process_index == 0 and "counts" in meta:
         views.log_pair_counts(meta["counts"])  # reused: the counts of when it was tokenized, again
     return dataset, meta
-
-
-def check_causal_lm(path: str, flag: str, trust_remote_code: bool, revision: str | None = None):
-    """The model's config, loaded without weights (a Hub id: from the cache, or downloaded); `UserInputError`
-    unless it is a causal LM."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserInputError(f"{describe(flag)} {path!r}: cannot load a model config ({first_line}).") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserInputError(
-            f"{describe(flag)} {path!r}: model type {config.model_type!r} is not a causal language model."
-        )
-    return config
 
 
 def check_lora_targets(config, targets, trust_remote_code: bool) -> None:
@@ -115,10 +107,6 @@ def check_lora_targets(config, targets, trust_remote_code: bool) -> None:
         )
 
 
-def library_versions() -> dict[str, str]:
-    return {name: version(name) for name in LIBRARIES}
-
-
 def write_run_config(path: Path, data_args, model_args, train_args, extra: dict) -> None:
     """Every setting, resolved, plus library versions: enough to rerun or audit the run."""
     content = {
@@ -133,24 +121,46 @@ def write_run_config(path: Path, data_args, model_args, train_args, extra: dict)
 
 def run(data_args: DataArguments, model_args: ModelArguments, train_args: PreferenceDPOConfig) -> dict[str, float]:
     """Train and save; return the final evaluation metrics (empty without a test set)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import get_peft_config
-
-    from . import report
-    from .cache import MODEL_DIGESTS_DIR, DatasetCache, reference_weights_key
-    from .collator import PreferenceViewsCollator
-    from .data import load_train_and_test
-    from .faults import on_main_process
-    from .metrics import TensorBoardMetricsCallback, ThroughputCallback
-    from .soft_prompt import load_prompt_embedding
-    from .trainer import PreferenceGuidedDPOTrainer
-
     started = time.monotonic()
+    checked = check_inputs(model_args, train_args)  # everything checkable without weights
+    tokenizer = load_tokenizer(model_args, train_args)
+    data = tokenize(data_args, model_args, train_args, tokenizer, checked)
+    log_start_summary(data_args, model_args, train_args, data, checked)
+    resume_from = starting_checkpoint(train_args, lambda: clear_previous_run(train_args.output_dir, train_args.log_dir))
+    model, ref_model = load_models(model_args, train_args)
+    trainer, callbacks = build_trainer(model, ref_model, tokenizer, model_args, train_args, data, checked)
+    setup_seconds = time.monotonic() - started
+    trained = train_and_evaluate(
+        trainer, callbacks.stopper, resume_from, train_args.output_dir, callbacks.tensorboard,
+        data.eval_dataset is not None, on_trained=lambda seconds: log_throughput(trainer, callbacks, seconds),
+    )  # fmt: skip
+    save_outputs(trainer, tokenizer, checked.config, data_args, model_args, train_args, trained.final_metrics,
+                 len(data.train_dataset))  # fmt: skip
+    if trainer.is_world_process_zero():
+        data.cache.remove_fallback()  # the per-run copy of the tokenized pairs (cache off); every rank is done with it
+        log_report(trainer, callbacks, trained, {"wall": time.monotonic() - started, "setup": setup_seconds})
+    return trained.final_metrics
+
+
+@dataclass
+class Checked:
+    """What the checks without weights found: the model's config and the soft prompt (embedding mode)."""
+
+    config: Any
+    prompt_embedding: Any = None  # torch.Tensor [k, hidden] in embedding mode
+
+    @property
+    def num_soft_tokens(self) -> int:
+        return 0 if self.prompt_embedding is None else self.prompt_embedding.shape[0]
+
+
+def check_inputs(model_args: ModelArguments, train_args: PreferenceDPOConfig) -> Checked:
+    """The model configs, the top-K against the vocabulary, the LoRA targets and the soft prompt, before any
+    weights are loaded (the data files are checked as they are read, in `tokenize`)."""
+    from .soft_prompt import load_prompt_embedding
+
     remote = train_args.trust_remote_code
-    # --- everything checkable without weights ---
-    revision = model_args.model_revision
-    config = check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote, revision)
+    config = check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote, model_args.model_revision)
     if model_args.reference_model_path:
         check_causal_lm(model_args.reference_model_path, "reference_model_path", remote)
     vocab_size = config.get_text_config().vocab_size
@@ -161,34 +171,45 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         )
     if model_args.use_peft:
         check_lora_targets(config, model_args.lora_target_modules, remote)
-    prompt_embedding = None
+    checked = Checked(config)
     if train_args.training_mode == "embedding":
-        prompt_embedding = load_prompt_embedding(train_args.prompt_embedding_path, config.get_text_config().hidden_size)
-        logger.info("Prompt embedding: %d virtual tokens of size %d", *prompt_embedding.shape)
-    num_soft_tokens = 0 if prompt_embedding is None else prompt_embedding.shape[0]
+        hidden_size = config.get_text_config().hidden_size
+        checked.prompt_embedding = load_prompt_embedding(train_args.prompt_embedding_path, hidden_size)
+        logger.info("Prompt embedding: %d virtual tokens of size %d", *checked.prompt_embedding.shape)
+    return checked
 
-    model_path = model_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=remote, revision=revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenize_kwargs = {
-        "preference_text": train_args.preference_text,
-        "preference_position": train_args.preference_position,
-        "num_soft_tokens": num_soft_tokens,
-        "max_length": train_args.max_length,
-        "max_prompt_length": train_args.max_prompt_length,
-        "num_proc": train_args.dataset_num_proc,
-    }
+
+@dataclass
+class Tokenized:
+    """Both views of the pairs, tokenized (file-backed), and what the reference's cached values are keyed on."""
+
+    train_dataset: Any
+    eval_dataset: Any
+    sample_prompts: list
+    settings: dict  # `stage.tokenize_settings`
+    cache: Any  # `cache.DatasetCache`
+    reference_weights: str
+
+
+def tokenize(data_args, model_args, train_args, tokenizer, checked: Checked) -> Tokenized:
+    """Read the pairs, tokenize both views (or reuse them from the cache), and turn evaluation off without a test
+    set; also the reference's weights key, read once on the main process."""
+    from .cache import MODEL_DIGESTS_DIR, DatasetCache, reference_weights_key
+    from .data import load_train_and_test
+    from .faults import on_main_process
+
+    settings = tokenize_settings(train_args, checked.num_soft_tokens)
     train_pairs, test_pairs = load_train_and_test(data_args)
     cache = DatasetCache(Path(train_args.cache_dir), train_args.cache, Path(train_args.output_dir) / TOKENIZED_DIR)
     stamps = Path(train_args.cache_dir) / MODEL_DIGESTS_DIR if train_args.cache else None
+    precision = (train_args.bf16, train_args.fp16)
     reference_weights = on_main_process(
         lambda: reference_weights_key(
-            model_path, model_args.reference_model_path, (train_args.bf16, train_args.fp16), stamps, revision
-        ),
+            model_args.model_name_or_path, model_args.reference_model_path, precision, stamps, model_args.model_revision
+        ),  # fmt: skip
         train_args,
     )  # what the precomputed reference values are keyed on (with the tokens and the settings that change them)
-    views = (data_args, tokenizer, tokenize_kwargs, train_args, cache)
+    views = (data_args, tokenizer, settings, train_args, cache)
     train_dataset, _ = tokenized_views("train", data_args.train_dataset_path, train_pairs, *views)
     eval_dataset, test_meta = None, {}
     if test_pairs is not None:
@@ -198,33 +219,69 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         train_args.eval_strategy = "no"
     if eval_dataset is None or train_args.eval_strategy == "no":  # no evaluation during training: none before it
         train_args.eval_on_start = False
+    sample_prompts = test_meta.get("sample_prompts", [])[: train_args.num_sample_prompts]
+    return Tokenized(train_dataset, eval_dataset, sample_prompts, settings, cache, reference_weights)
+
+
+def log_start_summary(data_args, model_args, train_args, data: Tokenized, checked: Checked) -> None:
+    from . import report
+
     if train_args.process_index == 0:
         logger.info(
             report.summary(
-                data_args, model_args, train_args, len(train_dataset), len(eval_dataset or []), num_soft_tokens
-            )
+                data_args,
+                model_args,
+                train_args,
+                len(data.train_dataset),
+                len(data.eval_dataset or []),
+                checked.num_soft_tokens,
+            )  # fmt: skip
         )
-    resume_from = starting_checkpoint(train_args, lambda: clear_previous_run(train_args.output_dir, train_args.log_dir))
 
-    # --- weights ---
-    dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32
-    load_kwargs = {"dtype": dtype, "trust_remote_code": remote}
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, revision=revision, **load_kwargs)
+
+def load_models(model_args: ModelArguments, train_args: PreferenceDPOConfig):
+    """(the policy, the separate reference model or None) in the run's precision."""
+    from transformers import AutoModelForCausalLM
+
+    load_kwargs = {"dtype": model_dtype(train_args), "trust_remote_code": train_args.trust_remote_code}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, **load_kwargs
+    )
     ref_model = None
     if model_args.reference_model_path:
         ref_model = AutoModelForCausalLM.from_pretrained(model_args.reference_model_path, **load_kwargs)
+    return model, ref_model
+
+
+@dataclass
+class Callbacks:
+    """The trainer's callbacks the recipe reads after training."""
+
+    tensorboard: Any
+    stopper: Any
+    throughput: Any
+    samples: Any
+
+
+def build_trainer(model, ref_model, tokenizer, model_args, train_args, data: Tokenized, checked: Checked):
+    """(the trainer, its callbacks): LoRA from the model settings, both views collated, sample generations after
+    each evaluation, TensorBoard, throughput, and the signal handler."""
+    from trl import get_peft_config
+
+    from . import report
+    from .collator import PreferenceViewsCollator
+    from .metrics import TensorBoardMetricsCallback, ThroughputCallback
+    from .trainer import PreferenceGuidedDPOTrainer
 
     tensorboard = TensorBoardMetricsCallback(train_args.log_dir)
-    stopper = stop_on_signal(train_args)
-    throughput = ThroughputCallback()  # before the TensorBoard writer: it adds its figures to the logs
-    sample_prompts = test_meta.get("sample_prompts", [])[: train_args.num_sample_prompts]
     samples = report.SampleGenerations(
-        report.encode_sample_prompts(sample_prompts, tokenizer, tokenize_kwargs),
+        report.encode_sample_prompts(data.sample_prompts, tokenizer, data.settings),
         tokenizer,
         train_args.sample_max_new_tokens,
         tensorboard,
-        prompt_embedding,
+        checked.prompt_embedding,
     )
+    callbacks = Callbacks(tensorboard, stop_on_signal(train_args), ThroughputCallback(), samples)
     trainer = PreferenceGuidedDPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -232,62 +289,55 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
         data_collator=PreferenceViewsCollator(
             pad_token_id=tokenizer.pad_token_id,
             max_length=train_args.max_length,
-            num_soft_tokens=num_soft_tokens,
+            num_soft_tokens=checked.num_soft_tokens,
             guided_forward=train_args.guided_forward,
         ),
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=data.train_dataset,
+        eval_dataset=data.eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        # samples first: they run after each evaluation and before the throughput clock restarts
-        callbacks=[samples, throughput, tensorboard, stopper],
-        prompt_embedding=prompt_embedding,
-        reference_weights=reference_weights,
+        # samples first: they run after each evaluation and before the throughput clock restarts; the throughput
+        # before the TensorBoard writer: it adds its figures to the logs
+        callbacks=[samples, callbacks.throughput, tensorboard, callbacks.stopper],
+        prompt_embedding=checked.prompt_embedding,
+        reference_weights=data.reference_weights,
     )
     report.use_one_progress_bar(trainer)
-    train_started = time.monotonic()
-    timing = {"setup (tokenizing, loading, reference pass)": train_started - started}
-    train(trainer, stopper, resume_from)
-    timing["training with its evaluations"] = time.monotonic() - train_started
+    return trainer, callbacks
+
+
+def log_throughput(trainer, callbacks: Callbacks, train_seconds: float) -> None:
     if trainer.is_world_process_zero():
-        logger.info("Training: %s", throughput.summary(train_args, trainer.state, time.monotonic() - train_started))
-    end_if_stopped(trainer, stopper, train_args.output_dir, before_stop=tensorboard.close)
-    final_metrics: dict[str, float] = {}
-    if eval_dataset is not None:
-        evaluation_started = time.monotonic()
-        final_metrics, evaluated = final_evaluation(trainer)
-        if evaluated:
-            timing["final evaluation"] = time.monotonic() - evaluation_started
-    tensorboard.close()
-
-    save_outputs(trainer, tokenizer, config, data_args, model_args, train_args, final_metrics, len(train_dataset))
-    if trainer.is_world_process_zero():
-        cache.remove_fallback()  # the per-run copy of the tokenized pairs (cache off); every rank is done with it
-        if samples.history:
-            timing["of which sample generations"] = samples.seconds
-        timing = {"wall": time.monotonic() - started, **timing}
-        logger.info(
-            report.report(
-                train_args.run_name,
-                final_metrics,
-                trainer.state.log_history,
-                samples,
-                timing,
-                trainer.state.global_step,
-                train_args.output_dir,
-                report.tensorboard_command(train_args),
-            )
-        )
-    return final_metrics
+        summary = callbacks.throughput.summary(trainer.args, trainer.state, train_seconds)
+        logger.info("Training: %s", summary)
 
 
-def final_evaluation(trainer) -> tuple[dict[str, float], bool]:
-    """(the trained weights' evaluation metrics, whether it ran now): the Trainer's own evaluation at the last step
-    when there was one (every eval strategy evaluates at the end of training), the same weights; else one now."""
-    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})
-    if last.get("step") == trainer.state.global_step:
-        return {k: v for k, v in last.items() if k.startswith("eval_")}, False
-    return trainer.evaluate(), True
+def log_report(trainer, callbacks: Callbacks, trained: Trained, seconds: dict[str, float]) -> None:
+    """The final report (rank 0): the held-out metrics before and after, the samples, where the time went."""
+    from . import report
+
+    timing = {
+        "wall": seconds["wall"],
+        "setup (tokenizing, loading, reference pass)": seconds["setup"],
+        "training with its evaluations": trained.train_seconds,
+    }
+    if trained.evaluation_seconds is not None:
+        timing["final evaluation"] = trained.evaluation_seconds
+    if callbacks.samples.history:
+        timing["of which sample generations"] = callbacks.samples.seconds
+    args = trainer.args
+    logger.info(
+        report.report(
+            args.run_name,
+            trained.final_metrics,
+            trainer.state.log_history,
+            callbacks.samples,
+            timing,
+            trainer.state.global_step,
+            args.output_dir,
+            report.tensorboard_command(args),
+        )  # fmt: skip
+    )
 
 
 def save_outputs(trainer, tokenizer, base_config, data_args, model_args, train_args, final_metrics, n_train) -> None:

@@ -21,20 +21,32 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer
 
 from .cache import file_backed
 from .checkpoints import checkpoints, move_into
-from .collator import split_views
+from .collator import PreferenceViewsCollator, split_views
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig
 from .errors import UserInputError
-from .faults import FaultTolerantTrainer, end_if_stopped, starting_checkpoint, stop_on_signal, train
+from .faults import FaultTolerantTrainer, starting_checkpoint, stop_on_signal
 from .losses import preference_accuracy_and_margin, prompt_dpo_loss, prompt_sft_loss
-from .pipeline import STAGING_DIR, TOKENIZED_DIR, check_causal_lm, final_evaluation, library_versions
 from .soft_prompt import insert_soft_tokens
+from .stage import (
+    STAGING_DIR,
+    TOKENIZED_DIR,
+    Trained,
+    check_causal_lm,
+    library_versions,
+    load_tokenizer,
+    model_dtype,
+    tokenize_settings,
+    train_and_evaluate,
+)
 from .variables import describe
 
 logger = logging.getLogger(__name__)
@@ -76,6 +88,11 @@ class SoftPromptModel(torch.nn.Module):
     def prompt(self) -> torch.Tensor:
         """The soft prompt `E` [k, hidden] (the MLP's output with PTUNE_ENCODER=mlp)."""
         return self.prompt_encoder(self.token_indices)
+
+    @torch.no_grad()
+    def snapshot(self) -> torch.Tensor:
+        """A detached float32 copy of the prompt as it is now."""
+        return self.prompt().detach().float().clone()
 
     def forward(
         self,
@@ -376,96 +393,131 @@ def use_stage_settings(train_args: PreferenceDPOConfig, has_test_set: bool) -> P
 
 def run(data_args: DataArguments, model_args: ModelArguments, train_args: PreferenceDPOConfig) -> dict:
     """Learn the soft prompt and write it; return the held-out comparison (empty without a test set)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
-
-    from .collator import PreferenceViewsCollator
-    from .data import load_train_and_test
-    from .metrics import PTUNE_EVENTS_SUFFIX, TensorBoardMetricsCallback, ptune_tensorboard_tag
-    from .report import use_one_progress_bar
-    from .views import tokenize_preference_dataset
-
     started = time.monotonic()
-    remote = train_args.trust_remote_code
-    k = train_args.num_virtual_tokens
-    # --- everything checkable without weights ---
+    check_inputs(model_args, train_args)  # everything checkable without weights
+    tokenizer = load_tokenizer(model_args, train_args)
+    data = tokenize(data_args, train_args, tokenizer)
+    args = use_stage_settings(train_args, has_test_set=data.eval_dataset is not None)
+    output_dir = Path(args.output_dir)
+    data = data.file_backed(output_dir / TOKENIZED_DIR, args)
+    resume_from = starting_checkpoint(args, lambda: clear_previous_prompt(output_dir, args.log_dir))
+    soft_model = load_soft_prompt_model(model_args, args)
+    initial_prompt = soft_model.snapshot()  # the comparison's "initial soft prompt" row
+    trainer, tensorboard, stopper = build_trainer(soft_model, tokenizer, args, data)
+    has_test_set = data.eval_dataset is not None
+    trained = train_and_evaluate(trainer, stopper, resume_from, output_dir, tensorboard, has_test_set)
+    comparison = {}
+    if has_test_set:
+        comparison = compare_prompts(trainer, data.eval_dataset, data.text_eval, collator(tokenizer, args),
+                                     collator(tokenizer, args, 0), initial_prompt)  # fmt: skip
+    save_prompt(trainer, output_dir, run_summary(data_args, model_args, args, data, trainer, trained, comparison))
+    if trainer.is_world_process_zero():
+        if comparison:
+            log_comparison(comparison, args.num_virtual_tokens, args.ptune_init)
+        logger.info(
+            "Learned a %d-token soft prompt in %d steps (%.0f s): %s, for TRAINING_MODE=embedding "
+            "PROMPT_EMBEDDING_PATH=%s. TensorBoard in %s",
+            args.num_virtual_tokens,
+            trainer.state.global_step,
+            time.monotonic() - started,
+            output_dir / SUMMARY_FILE,
+            output_dir / EMBEDDING_FILE,
+            args.log_dir,
+        )
+    return comparison
+
+
+def check_inputs(model_args: ModelArguments, train_args: PreferenceDPOConfig) -> None:
+    """The prompt's output folder and the model's config, before any weights are loaded."""
     check_prompt_output_dir(train_args.ptune_output_dir, train_args.overwrite)
-    revision = model_args.model_revision  # every load of the model's files: the DPO stage trains on this one
-    check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote, revision)
+    remote = train_args.trust_remote_code
+    # every load of the model's files at its revision: the DPO stage trains on this one
+    check_causal_lm(model_args.model_name_or_path, "model_name_or_path", remote, model_args.model_revision)
     if model_args.reference_model_path:
         logger.info("REFERENCE_MODEL_PATH is for the DPO stage: here the reference is the model without the prompt.")
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=remote, revision=revision
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenize_kwargs = {
-        "preference_text": train_args.preference_text,
-        "preference_position": train_args.preference_position,
-        "max_length": train_args.max_length,
-        "max_prompt_length": train_args.max_prompt_length,
-        "num_proc": train_args.dataset_num_proc,
-    }
-    train_pairs, test_pairs = load_train_and_test(data_args)
-    train_dataset = tokenize_preference_dataset(
-        train_pairs,
-        tokenizer,
-        name="train",
-        num_soft_tokens=k,
-        **tokenize_kwargs,
-    )
-    eval_dataset = text_eval = None
-    if test_pairs is not None:
-        eval_dataset = tokenize_preference_dataset(
-            test_pairs, tokenizer, name="test", num_soft_tokens=k, **tokenize_kwargs
-        )
-        if train_args.preference_text.strip():
-            try:
-                text_eval = tokenize_preference_dataset(
-                    test_pairs, tokenizer, name="test (text instruction)", num_soft_tokens=0, **tokenize_kwargs
-                )
-            except UserInputError as e:  # only the comparison row needs it
-                logger.warning("No PREFERENCE_TEXT row in the comparison: %s", e)
-    args = use_stage_settings(train_args, has_test_set=eval_dataset is not None)
-    output_dir = Path(args.output_dir)
-    tokenized = output_dir / TOKENIZED_DIR
-    train_dataset = file_backed(train_dataset, tokenized / "train", args)
-    if eval_dataset is not None:
-        eval_dataset = file_backed(eval_dataset, tokenized / "test", args)
-    if text_eval is not None:
-        text_eval = file_backed(text_eval, tokenized / "test_text", args)
-    resume_from = starting_checkpoint(args, lambda: clear_previous_prompt(output_dir, args.log_dir))
 
-    # --- weights: frozen, with TRL's fused LM head scoring the responses as in the DPO stage ---
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+@dataclass
+class Tokenized:
+    """The pairs' views with k placeholders, and the test pairs with the text instruction (the comparison's row)."""
+
+    train_dataset: Any
+    eval_dataset: Any = None
+    text_eval: Any = None
+
+    def file_backed(self, folder: Path, args) -> Tokenized:
+        """Every split written under `folder` and memory-mapped, as the DPO stage's (`cache.file_backed`)."""
+        names = {"train_dataset": "train", "eval_dataset": "test", "text_eval": "test_text"}
+        return Tokenized(**{
+            field: None if getattr(self, field) is None else file_backed(getattr(self, field), folder / name, args)
+            for field, name in names.items()
+        })  # fmt: skip
+
+
+def tokenize(data_args, train_args, tokenizer) -> Tokenized:
+    from .data import load_train_and_test
+    from .views import tokenize_preference_dataset
+
+    soft = tokenize_settings(train_args, train_args.num_virtual_tokens)
+    train_pairs, test_pairs = load_train_and_test(data_args)
+    data = Tokenized(tokenize_preference_dataset(train_pairs, tokenizer, name="train", **soft))
+    if test_pairs is None:
+        return data
+    data.eval_dataset = tokenize_preference_dataset(test_pairs, tokenizer, name="test", **soft)
+    if train_args.preference_text.strip():
+        try:
+            text = {**soft, "num_soft_tokens": 0}
+            data.text_eval = tokenize_preference_dataset(test_pairs, tokenizer, name="test (text instruction)", **text)
+        except UserInputError as e:  # only the comparison row needs it
+            logger.warning("No PREFERENCE_TEXT row in the comparison: %s", e)
+    return data
+
+
+def load_soft_prompt_model(model_args: ModelArguments, args: PreferenceDPOConfig) -> SoftPromptModel:
+    """The frozen model, with TRL's fused LM head scoring the responses as in the DPO stage, and the prompt."""
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+    revision = model_args.model_revision
     model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, revision=revision, dtype=dtype, trust_remote_code=remote
+        model_args.model_name_or_path,
+        revision=revision,
+        dtype=model_dtype(args),
+        trust_remote_code=args.trust_remote_code,
     )
     model.requires_grad_(False)
     if args.disable_dropout:
         disable_dropout_in_model(model)
     add_fused_lm_head(model)
     set_seed(args.seed)  # PTUNE_INIT=vocab and the MLP draw random numbers
-    soft_model = SoftPromptModel(model, build_prompt_encoder(model, model_args.model_name_or_path, args, revision), k)
-    with torch.no_grad():
-        initial_prompt = soft_model.prompt().detach().float().clone()
+    encoder = build_prompt_encoder(model, model_args.model_name_or_path, args, revision)
+    soft_model = SoftPromptModel(model, encoder, args.num_virtual_tokens)
     logger.info(
         "Soft prompt: %d virtual tokens of size %d (init %s, encoder %s, %d trainable parameters), objective %s",
-        k,
-        initial_prompt.shape[1],
+        args.num_virtual_tokens,
+        model.get_input_embeddings().weight.shape[1],
         args.ptune_init,
         args.ptune_encoder,
         sum(p.numel() for p in soft_model.parameters() if p.requires_grad),
         args.ptune_objective,
     )
+    return soft_model
 
-    def collator(num_soft_tokens: int) -> PreferenceViewsCollator:
-        return PreferenceViewsCollator(
-            pad_token_id=tokenizer.pad_token_id,
-            max_length=args.max_length,
-            num_soft_tokens=num_soft_tokens,
-            guided_forward="full",
-        )
+
+def collator(tokenizer, args, num_soft_tokens: int | None = None) -> PreferenceViewsCollator:
+    """Both views, the guided one with `num_soft_tokens` placeholders (default: the prompt's k)."""
+    return PreferenceViewsCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        max_length=args.max_length,
+        num_soft_tokens=args.num_virtual_tokens if num_soft_tokens is None else num_soft_tokens,
+        guided_forward="full",
+    )
+
+
+def build_trainer(soft_model, tokenizer, args, data: Tokenized):
+    """(the trainer, its TensorBoard writer, the signal handler)."""
+    from .metrics import PTUNE_EVENTS_SUFFIX, TensorBoardMetricsCallback, ptune_tensorboard_tag
+    from .report import use_one_progress_bar
 
     tensorboard = TensorBoardMetricsCallback(
         args.log_dir, tag=ptune_tensorboard_tag, filename_suffix=PTUNE_EVENTS_SUFFIX
@@ -474,68 +526,37 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     trainer = SoftPromptTrainer(
         model=soft_model,
         args=args,
-        data_collator=collator(k),
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        data_collator=collator(tokenizer, args),
+        train_dataset=data.train_dataset,
+        eval_dataset=data.eval_dataset,
         callbacks=[tensorboard, stopper],
         objective=args.ptune_objective,
         beta=args.beta,
     )
     use_one_progress_bar(trainer)
-    train(trainer, stopper, resume_from)
-    end_if_stopped(trainer, stopper, output_dir, before_stop=tensorboard.close)
-    final_metrics: dict[str, float] = {}
-    comparison: dict = {}
-    if eval_dataset is not None:
-        final_metrics, _ = final_evaluation(trainer)
-        comparison = compare_prompts(trainer, eval_dataset, text_eval, collator(k), collator(0), initial_prompt)
-    tensorboard.close()
+    return trainer, tensorboard, stopper
 
-    summary = {
+
+SUMMARY_SETTINGS = (
+    "num_virtual_tokens", "ptune_objective", "ptune_init", "ptune_encoder", "ptune_learning_rate", "ptune_epochs",
+    "ptune_max_steps", "beta", "preference_text", "preference_position", "max_length", "max_prompt_length",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+)  # fmt: skip
+
+
+def run_summary(data_args, model_args, args, data: Tokenized, trainer, trained: Trained, comparison: dict) -> dict:
+    """What `prompt_summary.json` records: the settings, the steps, the held-out comparison, the versions."""
+    return {
         "settings": {
             "model_name_or_path": model_args.model_name_or_path,
-            "model_revision": revision,
+            "model_revision": model_args.model_revision,
             "train_dataset_path": data_args.train_dataset_path,
             "test_dataset_path": data_args.test_dataset_path,
-            **{
-                name: getattr(args, name)
-                for name in (
-                    "num_virtual_tokens",
-                    "ptune_objective",
-                    "ptune_init",
-                    "ptune_encoder",
-                    "ptune_learning_rate",
-                    "ptune_epochs",
-                    "ptune_max_steps",
-                    "beta",
-                    "preference_text",
-                    "preference_position",
-                    "max_length",
-                    "max_prompt_length",
-                    "per_device_train_batch_size",
-                    "gradient_accumulation_steps",
-                    "seed",
-                )
-            },
+            **{name: getattr(args, name) for name in SUMMARY_SETTINGS},
         },
-        "train_pairs": len(train_dataset),
+        "train_pairs": len(data.train_dataset),
         "global_step": trainer.state.global_step,
-        "final_eval_metrics": final_metrics,
+        "final_eval_metrics": trained.final_metrics,
         "held_out_comparison": comparison,
         "versions": library_versions(),
     }
-    save_prompt(trainer, output_dir, summary)
-    if trainer.is_world_process_zero():
-        if comparison:
-            log_comparison(comparison, k, args.ptune_init)
-        logger.info(
-            "Learned a %d-token soft prompt in %d steps (%.0f s): %s, for TRAINING_MODE=embedding "
-            "PROMPT_EMBEDDING_PATH=%s. TensorBoard in %s",
-            k,
-            trainer.state.global_step,
-            time.monotonic() - started,
-            output_dir / SUMMARY_FILE,
-            output_dir / EMBEDDING_FILE,
-            args.log_dir,
-        )
-    return comparison

@@ -351,7 +351,18 @@ def write(
         parts = [f"{v}: {', '.join(names)}" for v, names in verdicts.items() if names]
         lines.append(f"- {label}: " + "; ".join(parts))
     lines += ["", f"![trait two against parameter change]({plot_path.relative_to(report.parent).as_posix()})", ""]
-    report.write_text("\n".join(lines), encoding="utf-8")
+    report.write_text("\n".join(lines) + kept_sections(report), encoding="utf-8")
+
+
+def kept_sections(report: Path) -> str:
+    """The sections other benchmarks write into the same file between their markers (the real-model benchmark's,
+    `bench/realmodel/run.py`), kept as they are when this report rewrites the file."""
+    from bench.realmodel.run import END, START
+
+    text = report.read_text(encoding="utf-8") if report.exists() else ""
+    if START not in text or END not in text:
+        return ""
+    return "\n" + text[text.index(START) : text.index(END) + len(END)] + "\n"
 
 
 def total_seconds(baselines: dict[int, dict], runs: list[dict]) -> float:
