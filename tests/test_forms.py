@@ -117,7 +117,12 @@ def test_ref_distill_reads_a_precomputed_top_k_teacher_and_refuses_misaligned_ro
     head = LMHead(weight=torch.eye(2))
     teacher_rows = torch.tensor([[0.0, math.log(3)], [0.0, 0.0]])
     ids, logps, rest = topk_teacher(teacher_rows, 2)
-    store = {"teacher_ids": ids, "teacher_logps": logps, "teacher_log_rest": rest, "teacher_lengths": torch.tensor([1, 1])}
+    store = {
+        "teacher_ids": ids,
+        "teacher_logps": logps,
+        "teacher_log_rest": rest,
+        "teacher_lengths": torch.tensor([1, 1]),
+    }
     form = form_class("ref_distill")(settings(distill_top_k=2))
     batch = inputs(GuidedLogps(torch.zeros(1), torch.zeros(1)), {}, torch.zeros(2, 2), torch.tensor([1, 1]),
                    batch=store, heads={"policy": head})  # fmt: skip
@@ -177,3 +182,38 @@ def test_no_import_circle_in_the_package():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_a_new_form_is_one_class_and_one_registration(tiny_model_dir, tokenizer, small_data, tmp_path, monkeypatch):
+    """A form the trainer has never heard of, registered at run time, trains: its loss is added with ALPHA and
+    logged under its name. Its loss here is mean(h_base), so loss(ALPHA 0.5) - loss(ALPHA 0) must be half the
+    `margin_base` the trainer logs on its own."""
+    import sys
+    import types
+
+    from preference_dpo.forms.base import AlignedForm
+
+    from .test_trl_contract import first_batch, make_trainer, perturb_adapter
+
+    class Toy(AlignedForm):
+        name = "toy"
+        teacher = "policy"
+
+        def loss(self, inputs):
+            return inputs.base.margin.mean()
+
+    module = types.ModuleType("preference_dpo.forms.toy")
+    module.Toy = Toy
+    monkeypatch.setitem(sys.modules, "preference_dpo.forms.toy", module)
+    monkeypatch.setitem(FORMS, "toy", "toy:Toy")
+    losses = {}
+    for alpha in (0.0, 0.5):
+        trainer = make_trainer(tiny_model_dir, tokenizer, small_data, tmp_path / str(alpha), alpha=alpha,
+                               align_loss="toy")  # fmt: skip
+        perturb_adapter(trainer)
+        batch, _ = first_batch(trainer)
+        losses[alpha] = trainer.compute_loss(trainer.model, batch).item()
+    metrics = trainer._metrics["train"]
+    assert metrics["toy_loss"][-1] == pytest.approx(metrics["margin_base"][-1], abs=1e-5)
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * metrics["margin_base"][-1], abs=1e-4)
+    assert metrics["margin_base"][-1] != 0
