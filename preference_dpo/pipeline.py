@@ -282,6 +282,7 @@ def build_trainer(model, ref_model, tokenizer, model_args, train_args, data: Tok
         checked.prompt_embedding,
     )
     callbacks = Callbacks(tensorboard, stop_on_signal(train_args), ThroughputCallback(), samples)
+    watch = report.CollapseWatch()
     trainer = PreferenceGuidedDPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -298,7 +299,7 @@ def build_trainer(model, ref_model, tokenizer, model_args, train_args, data: Tok
         peft_config=get_peft_config(model_args),
         # samples first: they run after each evaluation and before the throughput clock restarts; the throughput
         # before the TensorBoard writer: it adds its figures to the logs
-        callbacks=[samples, callbacks.throughput, tensorboard, callbacks.stopper],
+        callbacks=[samples, callbacks.throughput, tensorboard, callbacks.stopper, watch],
         prompt_embedding=checked.prompt_embedding,
         reference_weights=data.reference_weights,
     )

@@ -68,6 +68,34 @@ def test_a_falling_logp_chosen_is_flagged_as_over_optimisation():
     assert "fell from -2.46 to -99.60 nats" in line and "over-optimised" in line and "LEARNING_RATE" in line
 
 
+def train_log(*points):
+    return [{"step": step, "loss": 0.7, "logps/chosen": value} for step, value in points]
+
+
+def test_a_collapse_on_the_training_pairs_is_flagged_without_a_held_out_set(caplog):
+    """The SmolLM2 collapse (-20 -> -146) is flagged, by the report and once during training; a fluent run that
+    fell 9 nats (-21 -> -30), a fall of 12 nats from -40 (30%) and evaluation entries are not."""
+    from types import SimpleNamespace
+
+    collapsed = train_log((11, -20.0), (22, -60.0), (33, -146.0))
+    line = report.collapse_line(collapsed)
+    assert "fell from -20.0 (step 11) to -146.0 nats (step 33)" in line and "LEARNING_RATE" in line
+    assert report.collapse_line(train_log((11, -21.0), (22, -30.0))) is None
+    assert report.collapse_line(train_log((11, -40.0), (22, -52.0))) is None  # 12 nats but 30%
+    assert report.collapse_line([{"step": 5, "eval_logps/chosen": -20.0}, {"step": 9, "eval_logps/chosen": -99.0}]) is None
+    text = report.report("run", {}, collapsed, None, {"wall": 1.0}, 33, "out", "tb")
+    assert line in text  # no held-out metrics: the line is still there
+
+    watch = report.CollapseWatch()
+    caplog.set_level(logging.WARNING, logger="preference_dpo.report")
+    for entry in collapsed + [{"step": 44, "loss": 0.1, "logps/chosen": -200.0}]:
+        state = SimpleNamespace(global_step=entry["step"], is_world_process_zero=True)
+        watch.on_log(None, state, None, logs=dict(entry))
+    warnings = [r.getMessage() for r in caplog.records if "collapsing" in r.getMessage()]
+    assert warnings == ["logp(chosen) on the training pairs fell from -20.0 (step 11) to -60.0 nats (step 22): the "
+                        "model may be collapsing; lower LEARNING_RATE or ALPHA, or train fewer steps."]  # fmt: skip
+
+
 def test_report_shows_before_and_after_samples_and_costs():
     samples = report.SampleGenerations(
         [report.SamplePrompt("How do I boil an egg?", [1], [2])], tokenizer=None, max_new_tokens=8, tensorboard=None
