@@ -164,11 +164,12 @@ def expected_lora_parameters(config, rank: int) -> int:
 def expected_tags(align_loss: str) -> tuple[set[str], set[str]]:
     """(tags that must be logged, tags that must not) for a run with ALPHA > 0 and a test set."""
     from preference_dpo.forms import form_class
-    from preference_dpo.metrics import METRIC_TAGS
+    from preference_dpo.metrics import EVAL_ONLY_KEYS, METRIC_TAGS
 
     forms = {k for k in METRIC_TAGS if k.endswith(FORM_KEYS_SUFFIX) and k not in NOT_FORM_KEYS}
     others = forms - {f"{align_loss}_loss"}
     required = {tag for key, pair in METRIC_TAGS.items() if key not in others for tag in pair}
+    required -= {METRIC_TAGS[key][0] for key in EVAL_ONLY_KEYS}
     if (
         form_class(align_loss).teacher == "reference"
     ):  # no guided forward in training: the guided view's stats in eval only

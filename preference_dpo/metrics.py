@@ -50,7 +50,12 @@ METRIC_TAGS: dict[str, tuple[str, str]] = {
     "accuracy_guided": ("preference_metrics/accuracy_guided", "preference_metrics_eval/accuracy_guided"),
     "margin_base": ("preference_metrics/margin_base", "preference_metrics_eval/margin_base"),
     "margin_guided": ("preference_metrics/margin_guided", "preference_metrics_eval/margin_guided"),
+    # evaluation only: how far the policy without the instruction is from the reference with it, per token
+    "instruction_gap": ("preference_metrics/instruction_gap", "preference_metrics_eval/instruction_gap"),
 }
+
+# Keys logged in evaluation only: their train tags are never written.
+EVAL_ONLY_KEYS = ("instruction_gap",)
 
 # Tags written only when the guided view runs in training (ALPHA > 0); evaluation always writes them.
 GUIDED_KEYS = (
@@ -104,6 +109,7 @@ def story_layout(ptune: bool = False) -> dict[str, dict[str, list]]:
         "3 The instruction's effect": {
             "pref_advantage_ratio (train, eval)": ["Multiline", _tags("pref_advantage_ratio")],
             "aligned_active_frac (train, eval)": ["Multiline", _tags("aligned_active_frac")],
+            "instruction gap, KL per token (eval)": ["Multiline", _tags("instruction_gap", eval_only=True)],
         },
         "4 Over-optimisation watch": {
             "logp(chosen), base view (train, eval)": ["Multiline", _tags("logps/chosen")],

@@ -329,6 +329,7 @@ REPORT_ROWS = (
     ("pref_advantage_ratio", "pref_advantage_ratio", "{:.3g}"),
     ("aligned_active_frac", "aligned_active_frac", "{:.3f}"),
     ("logp(chosen), without the instruction", "logps/chosen", "{:.2f}"),
+    ("instruction gap (KL per token, nats)", "instruction_gap", "{:.3f}"),
     ("reward accuracy (DPO, vs the reference)", "rewards/accuracies", "{:.3f}"),
     ("reward margin (DPO)", "rewards/margins", "{:.3f}"),
 )
@@ -363,6 +364,18 @@ def transfer_line(before: dict, after: dict) -> str | None:
         f"Transfer: without the instruction, the held-out margin went from {base:.2f} to {trained:.2f} nats; "
         f"with it, the untrained model's was {instructed:.2f}: {share:.0%} of the instruction's effect now shows "
         "without it (DPO on these pairs moves this margin too: compare a run with ALPHA=0)."
+    )
+
+
+def gap_line(before: dict, after: dict) -> str | None:
+    """The share of the instruction gap (docs/method.md, "Instruction gap") that training closed."""
+    key = "eval_instruction_gap"
+    if key not in before or key not in after or before[key] <= 1e-9:
+        return None
+    old, new = before[key], after[key]
+    return (
+        f"Instruction gap: KL(reference with the instruction || policy without it) went from {old:.3f} to {new:.3f} "
+        f"nats per token of the held-out chosen responses: {1 - new / old:.0%} of it closed."
     )
 
 
@@ -465,7 +478,8 @@ def report(
             lines.append(f"  {label:<46}  {shown:>8}  {fmt.format(after_value):>8}")
         if tied:
             lines.append("  (n/a: all rewards 0 before training, the policy being the reference: no pair can be won)")
-        for line in (transfer_line(before or {}, final_metrics), overoptimisation_line(before or {}, final_metrics)):
+        lines_after = (transfer_line, gap_line, overoptimisation_line)
+        for line in (describe_change(before or {}, final_metrics) for describe_change in lines_after):
             if line:
                 lines.append(line)
     collapse = collapse_line(log_history)

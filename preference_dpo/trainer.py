@@ -36,7 +36,15 @@ from .errors import UserInputError
 from .faults import FaultTolerantTrainer
 from .forms import form_for
 from .forms.base import FormInputs, GuidedLogps
-from .losses import LMHead, aligned_active, pref_advantage_ratio, preference_stats, topk_teacher
+from .losses import (
+    LMHead,
+    aligned_active,
+    chunked_rows,
+    pref_advantage_ratio,
+    preference_stats,
+    token_kl,
+    topk_teacher,
+)
 from .soft_prompt import insert_soft_tokens
 from .teacher import TEACHER_COLUMNS
 
@@ -507,8 +515,10 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         base, guided = split_views(inputs)
         unwrapped, causal_lm = self._unwrapped(model)
         # the per-token forms also need the base view's final hidden states (with gradient), from the same forward
-        per_token = self.form.per_token
-        backbone = capture_outputs(causal_lm.base_model, fused_only=False) if per_token else contextlib.nullcontext()
+        # the base view's final hidden states from the same forward: the per-token forms' student (with gradient),
+        # and in evaluation the instruction gap's
+        hidden = self.form.per_token or mode == "eval"
+        backbone = capture_outputs(causal_lm.base_model, fused_only=False) if hidden else contextlib.nullcontext()
         with capture_outputs(unwrapped) as captured, backbone as backbone_outputs, input_grad_hooks_kept(causal_lm):
             result = super()._compute_loss(model, base, return_outputs)
         dpo_loss = result[0] if return_outputs else result
@@ -578,6 +588,22 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         metrics["aligned_loss"].append(self._mean(aligned.detach()))
         metrics[f"{self.form.name}_loss"].append(metrics["aligned_loss"][-1])
         metrics["aligned_active_frac"].append(self._mean(aligned_active(self.form.target(inputs), h_base)))
+        if inputs.mode == "eval" and self.has_reference():  # without LoRA or REFERENCE_MODEL_PATH there is none
+            metrics["instruction_gap"].append(self._mean(self._instruction_gap(inputs)))
+
+    @staticmethod
+    def _instruction_gap(inputs: FormInputs) -> torch.Tensor:
+        """The mean over the chosen responses' positions of KL(reference WITH the instruction || policy WITHOUT
+        it), each through its own LM head (docs/method.md, "Instruction gap"); 0 for a batch without any."""
+        chosen_positions = int(inputs.response_lengths[: inputs.base.chosen.numel()].sum())
+        teacher = inputs.guided("reference", with_hidden=True).hidden[:chosen_positions]
+        student_head, teacher_head = inputs.lm_heads("policy"), inputs.lm_heads("reference")
+        with torch.no_grad():
+            per_token = chunked_rows(
+                lambda s, t: token_kl(student_head.logits(s), teacher_head.logits(t)),
+                inputs.student_hidden[:chosen_positions], teacher,
+            )  # fmt: skip
+        return per_token.mean() if chosen_positions else per_token.new_zeros(())
 
     def _mean(self, value: torch.Tensor) -> float:
         """The mean over every rank's values (the figure a metric logs)."""

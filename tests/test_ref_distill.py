@@ -305,3 +305,28 @@ def test_gradient_accumulation_leaves_the_distill_loss_and_its_gradient_unchange
     assert moved  # B starts at 0: its value after the step is minus its gradient
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("align_loss", ["hinge", "ref_distill"])
+def test_the_instruction_gap_is_the_kl_from_the_instructed_reference_on_the_chosen_responses(
+    tiny_model_dir, tokenizer, pairs, tmp_path, align_loss
+):
+    """docs/method.md, "Instruction gap": in evaluation, mean over the chosen responses' positions of
+    KL(reference with the instruction || policy without it), computed here from both models' own logits, for a
+    form that has no reference teacher (hinge) and one that has (ref_distill)."""
+    trainer = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, align_loss=align_loss)
+    perturb_adapter(trainer)
+    batch, full = first_batch(trainer)
+    teacher_logits, teacher_mask, _ = reference_logits(tiny_model_dir, full)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(model, batch)
+        student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    chosen = batch["input_ids"].size(0) // 2
+    mask = batch["completion_mask"][:, 1:].bool()
+    log_q = torch.log_softmax(teacher_logits[:chosen][teacher_mask[:chosen]].double(), -1)
+    log_s = torch.log_softmax(student_logits[:chosen][mask[:chosen]].double(), -1)
+    expected = (log_q.exp() * (log_q - log_s)).sum(-1).mean().item()
+    assert expected > 1e-3
+    assert trainer._metrics["eval"]["instruction_gap"][-1] == pytest.approx(expected, rel=1e-4)
+    assert "instruction_gap" not in trainer._metrics["train"]

@@ -68,6 +68,16 @@ def test_a_falling_logp_chosen_is_flagged_as_over_optimisation():
     assert "fell from -2.46 to -99.60 nats" in line and "over-optimised" in line and "LEARNING_RATE" in line
 
 
+def test_the_report_gives_the_share_of_the_instruction_gap_closed():
+    before, after = {"eval_instruction_gap": 0.400}, {"eval_instruction_gap": 0.100}
+    line = report.gap_line(before, after)
+    assert "went from 0.400 to 0.100 nats per token" in line and "75% of it closed" in line
+    assert report.gap_line({}, after) is None and report.gap_line({"eval_instruction_gap": 0.0}, after) is None
+    text = report.report("run", {"eval_instruction_gap": 0.1, "eval_loss": 1.0}, [{"step": 0, "eval_loss": 1.0,
+                         "eval_instruction_gap": 0.4}], None, {"wall": 1.0}, 3, "out", "tb")  # fmt: skip
+    assert "instruction gap (KL per token, nats)" in text and line in text
+
+
 def train_log(*points):
     return [{"step": step, "loss": 0.7, "logps/chosen": value} for step, value in points]
 
@@ -82,7 +92,9 @@ def test_a_collapse_on_the_training_pairs_is_flagged_without_a_held_out_set(capl
     assert "fell from -20.0 (step 11) to -146.0 nats (step 33)" in line and "LEARNING_RATE" in line
     assert report.collapse_line(train_log((11, -21.0), (22, -30.0))) is None
     assert report.collapse_line(train_log((11, -40.0), (22, -52.0))) is None  # 12 nats but 30%
-    assert report.collapse_line([{"step": 5, "eval_logps/chosen": -20.0}, {"step": 9, "eval_logps/chosen": -99.0}]) is None
+    assert (
+        report.collapse_line([{"step": 5, "eval_logps/chosen": -20.0}, {"step": 9, "eval_logps/chosen": -99.0}]) is None
+    )
     text = report.report("run", {}, collapsed, None, {"wall": 1.0}, 33, "out", "tb")
     assert line in text  # no held-out metrics: the line is still there
 
