@@ -52,10 +52,15 @@ METRIC_TAGS: dict[str, tuple[str, str]] = {
     "margin_guided": ("preference_metrics/margin_guided", "preference_metrics_eval/margin_guided"),
     # evaluation only: how far the policy without the instruction is from the reference with it, per token
     "instruction_gap": ("preference_metrics/instruction_gap", "preference_metrics_eval/instruction_gap"),
+    # the same on the policy's own greedy answers to the sample prompts (NUM_SAMPLE_PROMPTS > 0)
+    "instruction_gap_generated": (
+        "preference_metrics/instruction_gap_generated",
+        "preference_metrics_eval/instruction_gap_generated",
+    ),
 }
 
 # Keys logged in evaluation only: their train tags are never written.
-EVAL_ONLY_KEYS = ("instruction_gap",)
+EVAL_ONLY_KEYS = ("instruction_gap", "instruction_gap_generated")
 
 # Tags written only when the guided view runs in training (ALPHA > 0); evaluation always writes them.
 GUIDED_KEYS = (
@@ -109,7 +114,10 @@ def story_layout(ptune: bool = False) -> dict[str, dict[str, list]]:
         "3 The instruction's effect": {
             "pref_advantage_ratio (train, eval)": ["Multiline", _tags("pref_advantage_ratio")],
             "aligned_active_frac (train, eval)": ["Multiline", _tags("aligned_active_frac")],
-            "instruction gap, KL per token (eval)": ["Multiline", _tags("instruction_gap", eval_only=True)],
+            "instruction gap, KL per token (eval: chosen responses, own answers)": [
+                "Multiline",
+                _tags("instruction_gap", "instruction_gap_generated", eval_only=True),
+            ],
         },
         "4 Over-optimisation watch": {
             "logp(chosen), base view (train, eval)": ["Multiline", _tags("logps/chosen")],

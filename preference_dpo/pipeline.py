@@ -303,6 +303,7 @@ def build_trainer(model, ref_model, tokenizer, model_args, train_args, data: Tok
         prompt_embedding=checked.prompt_embedding,
         reference_weights=data.reference_weights,
     )
+    samples.gap = trainer.generated_instruction_gap
     report.use_one_progress_bar(trainer)
     return trainer, callbacks
 

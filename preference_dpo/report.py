@@ -250,7 +250,11 @@ class SampleGenerations(TrainerCallback):
     max_new_tokens: int
     tensorboard: Any
     prompt_embedding: Any = None
+    # (prompts, each prompt's generated ids without the instruction) -> the instruction gap on those answers,
+    # or None (`PreferenceGuidedDPOTrainer.generated_instruction_gap`; none without a reference)
+    gap: Any = None
     history: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    gap_history: dict[int, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
@@ -260,10 +264,14 @@ class SampleGenerations(TrainerCallback):
         if not self.prompts or model is None or not (state.is_world_process_zero or zero3):
             return
         started = time.perf_counter()
-        texts = self.generate(model, synced_gpus=zero3)
+        texts, generated = self.generate(model, synced_gpus=zero3)
+        gap = self.gap(self.prompts, generated[: len(self.prompts)]) if self.gap is not None else None
         self.seconds += time.perf_counter() - started
         if not state.is_world_process_zero:
             return
+        if gap is not None:
+            self.gap_history[state.global_step] = gap
+            self.tensorboard.on_log(args, state, control, logs={"eval_instruction_gap_generated": gap})
         pairs = list(zip(texts[: len(self.prompts)], texts[len(self.prompts) :], strict=True))
         self.history[state.global_step] = pairs
         self.tensorboard.add_text(SAMPLES_TAG, samples_markdown(self.prompts, pairs), state.global_step)
@@ -272,8 +280,9 @@ class SampleGenerations(TrainerCallback):
                 "Sample at step %d: %s\n  without: %s\n  with:    %s", state.global_step, prompt.text, without, with_
             )
 
-    def generate(self, model, synced_gpus: bool = False) -> list[str]:
-        """Greedy completions of every base prompt, then of every guided prompt."""
+    def generate(self, model, synced_gpus: bool = False) -> tuple[list[str], list[list[int]]]:
+        """Greedy completions of every base prompt, then of every guided prompt: (texts, generated ids up to and
+        including the first end-of-sequence token)."""
         import torch
         from transformers import GenerationConfig
 
@@ -303,7 +312,10 @@ class SampleGenerations(TrainerCallback):
                 inputs_embeds=embeds, attention_mask=mask, generation_config=config, synced_gpus=synced_gpus
             )
         model.train(was_training)
-        return [" ".join(t.split()) for t in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        texts = [" ".join(t.split()) for t in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        eos = self.tokenizer.eos_token_id
+        generated = [row[: row.index(eos) + 1] if eos in row else row for row in output.tolist()]
+        return texts, generated
 
 
 def samples_markdown(prompts: list[SamplePrompt], pairs: list[tuple[str, str]]) -> str:
@@ -482,6 +494,14 @@ def report(
         for line in (describe_change(before or {}, final_metrics) for describe_change in lines_after):
             if line:
                 lines.append(line)
+    if samples is not None and len(samples.gap_history) > 1:
+        first, last = min(samples.gap_history), max(samples.gap_history)
+        old_gap, new_gap = samples.gap_history[first], samples.gap_history[last]
+        closed = f": {1 - new_gap / old_gap:.0%} of it closed" if old_gap > 1e-9 else ""
+        lines.append(
+            f"Instruction gap on the model's own greedy answers to the sample prompts: {old_gap:.3f} (step {first}) "
+            f"to {new_gap:.3f} nats per token (step {last}){closed}."
+        )
     collapse = collapse_line(log_history)
     if collapse:
         lines.append(collapse)

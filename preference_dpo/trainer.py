@@ -605,6 +605,59 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             )  # fmt: skip
         return per_token.mean() if chosen_positions else per_token.new_zeros(())
 
+    @torch.no_grad()
+    def generated_instruction_gap(self, prompts, generated: list[list[int]]) -> float | None:
+        """The instruction gap (docs/method.md) on the policy's own greedy answers to the sample prompts: the mean
+        over their tokens of KL(reference with the instruction || policy without it), each scoring the same answer
+        after its own view of the prompt (`report.SampleGenerations`). None without a reference or any token."""
+        if not self.has_reference() or not any(generated):
+            return None
+        pad = self.processing_class.pad_token_id
+        device = self.accelerator.device
+
+        def rows(prefixes: list[list[int]]):
+            """Right-padded prompt + answer rows, and the positions that predict an answer token."""
+            sequences = [prefix + answer for prefix, answer in zip(prefixes, generated, strict=True)]
+            width = max(map(len, sequences))
+            ids = torch.full((len(sequences), width), pad, device=device)
+            mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+            predicts = torch.zeros((len(sequences), width), dtype=torch.bool, device=device)
+            for i, (prefix, answer) in enumerate(zip(prefixes, generated, strict=True)):
+                ids[i, : len(prefix) + len(answer)] = torch.tensor(prefix + answer, device=device)
+                mask[i, : len(prefix) + len(answer)] = 1
+                predicts[i, len(prefix) - 1 : len(prefix) + len(answer) - 1] = True
+            return ids, mask, predicts
+
+        def hidden(model, ids, mask, soft_prefixes=None):
+            causal_lm = self._unwrapped(model)[1]
+            kwargs = {"attention_mask": mask}
+            if soft_prefixes is None:
+                kwargs["input_ids"] = ids
+            else:  # embedding mode: each guided prompt ends in k placeholders for the soft tokens
+                k = self.prompt_embedding.shape[0]
+                soft = torch.zeros_like(mask, dtype=torch.bool)
+                for i, length in enumerate(soft_prefixes):
+                    soft[i, length - k : length] = True
+                embeds = self._unwrapped(model)[0].get_input_embeddings()(ids)
+                kwargs["inputs_embeds"] = self._insert_soft_tokens(embeds, soft)
+            return causal_lm.base_model(**kwargs).last_hidden_state, causal_lm
+
+        policy = self.model
+        ids, mask, predicts = rows([p.base_ids for p in prompts])
+        with evaluation_mode(self._unwrapped(policy)[0]):
+            student, student_lm = hidden(policy, ids, mask)
+            ids, mask, guided_predicts = rows([p.guided_ids for p in prompts])
+            reference, adapter_off = self._reference(policy)
+            with adapter_off:
+                soft = None if self.prompt_embedding is None else [len(p.guided_ids) for p in prompts]
+                teacher, teacher_lm = hidden(reference, ids, mask, soft)
+        student_head, teacher_head = lm_head_of(student_lm), lm_head_of(teacher_lm)
+        per_token = chunked_rows(
+            lambda s, t: token_kl(student_head.logits(s), teacher_head.logits(t)),
+            student[predicts], teacher[guided_predicts],
+        )  # fmt: skip
+        return per_token.mean().item()
+
     def _mean(self, value: torch.Tensor) -> float:
         """The mean over every rank's values (the figure a metric logs)."""
         return self.accelerator.gather(value.detach()).mean().item()

@@ -330,3 +330,41 @@ def test_the_instruction_gap_is_the_kl_from_the_instructed_reference_on_the_chos
     assert expected > 1e-3
     assert trainer._metrics["eval"]["instruction_gap"][-1] == pytest.approx(expected, rel=1e-4)
     assert "instruction_gap" not in trainer._metrics["train"]
+
+
+def test_the_instruction_gap_on_the_models_own_answers_scores_each_answer_after_each_view(
+    tiny_model_dir, tokenizer, pairs, tmp_path
+):
+    """`generated_instruction_gap`: the answers (any ids; here two made-up ones of other lengths, one ending in the
+    end-of-sequence token) after the base prompt for the policy and after the instructed prompt for the frozen
+    reference; the KL at the positions that predict them, averaged over all answer tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from preference_dpo.data import load_preference_dataset
+    from preference_dpo.report import encode_sample_prompts
+
+    from .test_trl_contract import P
+
+    trainer = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, align_loss="hinge")
+    perturb_adapter(trainer)
+    raw = load_preference_dataset(pairs[1])
+    settings = {"preference_text": P, "preference_position": "system", "num_soft_tokens": 0, "max_length": 256}
+    prompts = encode_sample_prompts([raw[i]["prompt"] for i in range(2)], tokenizer, settings)
+    answers = [[11, 12, 13, tokenizer.eos_token_id], [21, 22]]
+    gap = trainer.generated_instruction_gap(prompts, answers)
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    policy = trainer.model.eval()
+    rows = []
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, answers, strict=True):
+            student = policy(input_ids=torch.tensor([prompt.base_ids + answer])).logits[0]
+            teacher = reference(input_ids=torch.tensor([prompt.guided_ids + answer])).logits[0]
+            student = student[len(prompt.base_ids) - 1 : len(prompt.base_ids) + len(answer) - 1]
+            teacher = teacher[len(prompt.guided_ids) - 1 : len(prompt.guided_ids) + len(answer) - 1]
+            log_q, log_s = torch.log_softmax(teacher.double(), -1), torch.log_softmax(student.double(), -1)
+            rows.append((log_q.exp() * (log_q - log_s)).sum(-1))
+    expected = torch.cat(rows).mean().item()
+    assert expected > 1e-3 and len(torch.cat(rows)) == 6
+    assert gap == pytest.approx(expected, rel=1e-4)
+    assert trainer.generated_instruction_gap(prompts, [[], []]) is None
