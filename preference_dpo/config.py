@@ -354,7 +354,7 @@ def _model_problem(flag: str, path: str, revision: str | None) -> str | None:
             f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it: give a model folder, or "
             f"download the model first (`hf download {path}`, without HF_HUB_OFFLINE).{hint}"
         )
-    return None  # online: transformers downloads it, and `pipeline.check_causal_lm` reports a failure in one line
+    return None  # online: transformers downloads it, and `stage.check_causal_lm` reports a failure in one line
 
 
 def _check_choice(problems: list[str], flag: str, value, choices) -> None:

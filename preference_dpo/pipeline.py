@@ -274,6 +274,7 @@ def build_trainer(model, ref_model, tokenizer, model_args, train_args, data: Tok
     from .trainer import PreferenceGuidedDPOTrainer
 
     tensorboard = TensorBoardMetricsCallback(train_args.log_dir)
+    stopper = stop_on_signal(train_args)  # as early as before the refactoring: before the sample prompts' encoding
     samples = report.SampleGenerations(
         report.encode_sample_prompts(data.sample_prompts, tokenizer, data.settings),
         tokenizer,
@@ -281,7 +282,7 @@ def build_trainer(model, ref_model, tokenizer, model_args, train_args, data: Tok
         tensorboard,
         checked.prompt_embedding,
     )
-    callbacks = Callbacks(tensorboard, stop_on_signal(train_args), ThroughputCallback(), samples)
+    callbacks = Callbacks(tensorboard, stopper, ThroughputCallback(), samples)
     watch = report.CollapseWatch()
     trainer = PreferenceGuidedDPOTrainer(
         model=model,

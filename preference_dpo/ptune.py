@@ -495,7 +495,7 @@ def load_soft_prompt_model(model_args: ModelArguments, args: PreferenceDPOConfig
     logger.info(
         "Soft prompt: %d virtual tokens of size %d (init %s, encoder %s, %d trainable parameters), objective %s",
         args.num_virtual_tokens,
-        model.get_input_embeddings().weight.shape[1],
+        soft_model.snapshot().shape[1],
         args.ptune_init,
         args.ptune_encoder,
         sum(p.numel() for p in soft_model.parameters() if p.requires_grad),

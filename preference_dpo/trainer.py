@@ -688,7 +688,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             return super()._get_num_items_in_batch(batch_samples, device)
         count = torch.zeros((), dtype=torch.long, device=device)
         for batch in batch_samples:
-            count += batch["completion_mask"][:, 1:].sum().to(device)  # the positions `_distill_loss` scores
+            count += batch["completion_mask"][:, 1:].sum().to(device)  # the positions `forms.distill` scores
         if self.accelerator.num_processes > 1:
             count = self.accelerator.gather(count.reshape(1)).sum()
         return count

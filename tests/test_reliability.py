@@ -291,18 +291,18 @@ def test_sigterm_saves_a_checkpoint_and_rerun_finishes(common, tmp_path):
 
 
 def nan_from_call(monkeypatch, n):
-    """Make the aligned loss NaN from its n-th training call on."""
-    import preference_dpo.trainer as trainer_module
+    """Make the aligned loss (the default form's, `hinge`) NaN from its n-th training call on."""
+    import preference_dpo.forms.margin as margin
 
     calls = {"n": 0}
-    real = trainer_module.aligned_loss
+    real = margin.hinge_aligned_loss
 
-    def flaky(kind, h_pref, h_base):
+    def flaky(target, h_base):
         calls["n"] += 1
-        value = real(kind, h_pref, h_base)
+        value = real(target, h_base)
         return value * float("nan") if calls["n"] >= n else value
 
-    monkeypatch.setattr(trainer_module, "aligned_loss", flaky)
+    monkeypatch.setattr(margin, "hinge_aligned_loss", flaky)
 
 
 def test_nan_loss_stops_naming_step_and_components(common, capsys, monkeypatch, tmp_path):

@@ -272,16 +272,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def train_with_a_nan_at_step_2(trainer, monkeypatch):
     """Train; the distill term is NaN at step 2 (the NaN guard skips that batch). Returns the training logs."""
-    import preference_dpo.trainer as trainer_module
+    import preference_dpo.forms.distill as distill
 
-    real, calls = trainer_module.reduce_token_kl, []
+    real, calls = distill.reduce_token_kl, []
 
     def nan_on_second_call(*args, **kwargs):
         calls.append(1)
         value = real(*args, **kwargs)
         return value * float("nan") if len(calls) == 2 else value
 
-    monkeypatch.setattr(trainer_module, "reduce_token_kl", nan_on_second_call)
+    monkeypatch.setattr(distill, "reduce_token_kl", nan_on_second_call)
     trainer.train()
     monkeypatch.undo()
     return [h for h in trainer.state.log_history if "loss" in h]
