@@ -49,9 +49,10 @@ PREFERENCE_TEXT="${PREFERENCE_TEXT:-Please provide a helpful, honest, harmless a
 #   e.g. PREFERENCE_TEXT="请提供一个有用、诚实、无害且简洁的回答。"
 PREFERENCE_POSITION="${PREFERENCE_POSITION:-system}"  # system | user (conversational prompts)
 PROMPT_EMBEDDING_PATH="${PROMPT_EMBEDDING_PATH:-}"    # embedding mode: /path/to/prompt_embeddings.pt
-ALIGN_LOSS="${ALIGN_LOSS:-hinge}"         # hinge | ref_hinge | distill | ref_distill (README: "Which ALIGN_LOSS?")
+ALIGN_LOSS="${ALIGN_LOSS:-hinge}"         # hinge | ref_hinge | distill | ref_distill | onpolicy_distill (README: "Which ALIGN_LOSS?")
 DISTILL_TOP_K="${DISTILL_TOP_K:-}"        # ref_distill: precompute the teacher's top K tokens (e.g. 16); empty: exact
 DISTILL_REDUCTION="${DISTILL_REDUCTION:-token_mean}"  # distill, ref_distill: token_mean | sequence_sum
+DISTILL_ON_POLICY_FRAC="${DISTILL_ON_POLICY_FRAC:-1}"  # onpolicy_distill: share of steps on the policy's own answers
 
 # Core training parameters
 BETA="${BETA:-0.05}"                      # DPO temperature (0.01-0.5; smaller = more conservative)
@@ -189,6 +190,7 @@ train_args=(
   --preference_position "$PREFERENCE_POSITION"
   --align_loss "$ALIGN_LOSS"
   --distill_reduction "$DISTILL_REDUCTION"
+  --distill_on_policy_frac "$DISTILL_ON_POLICY_FRAC"
   --beta "$BETA"
   --aligned_loss_weight "$ALPHA"
   --learning_rate "$LEARNING_RATE"

@@ -93,9 +93,6 @@ TEST_PAIRS = 1  # evaluation runs twice at the end (the trainer's, then the pipe
 # Appended to each user message so that the guided prompt nears MAX_PROMPT_LENGTH (about 27 tokens each).
 PROMPT_FILLER = " Some background: I have read the usual advice and want a practical answer."
 PROMPT_FILLERS = 2
-# Tags written only for the aligned-loss form that is on; the others must be absent.
-FORM_KEYS_SUFFIX = "_loss"
-NOT_FORM_KEYS = {"loss", "dpo_loss", "aligned_loss"}
 
 
 def build_model_dir(folder: Path, layers: int) -> dict:
@@ -163,19 +160,9 @@ def expected_lora_parameters(config, rank: int) -> int:
 
 def expected_tags(align_loss: str) -> tuple[set[str], set[str]]:
     """(tags that must be logged, tags that must not) for a run with ALPHA > 0 and a test set."""
-    from preference_dpo.forms import form_class
-    from preference_dpo.metrics import EVAL_ONLY_KEYS, METRIC_TAGS
+    from preference_dpo.metrics import logged_tags
 
-    forms = {k for k in METRIC_TAGS if k.endswith(FORM_KEYS_SUFFIX) and k not in NOT_FORM_KEYS}
-    others = forms - {f"{align_loss}_loss"}
-    required = {tag for key, pair in METRIC_TAGS.items() if key not in others for tag in pair}
-    required -= {METRIC_TAGS[key][0] for key in EVAL_ONLY_KEYS}
-    if (
-        form_class(align_loss).teacher == "reference"
-    ):  # no guided forward in training: the guided view's stats in eval only
-        eval_only = ("pref_advantage_ratio", "pref_delta_w", "pref_delta_l", "accuracy_guided", "margin_guided")
-        required -= {METRIC_TAGS[key][0] for key in eval_only}
-    return required, {tag for key in others for tag in METRIC_TAGS[key]}
+    return logged_tags(align_loss)
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[float, int, float]]]:

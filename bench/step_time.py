@@ -203,6 +203,11 @@ def main(argv=None) -> None:
     parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFGHIJ")
     parser.add_argument("--top_k", type=int, default=64, help="K of configuration I")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench/results/<config>.json)")
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute each layer's activations in backward (GRADIENT_CHECKPOINTING=true)",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="GPU bf16 peak for MFU (default: by name)")
     args = parser.parse_args(argv)
 
@@ -229,7 +234,7 @@ def main(argv=None) -> None:
     common = dict(
         output_dir=output_dir, per_device_train_batch_size=shape.pairs, max_steps=total,
         learning_rate=1e-4, report_to="none", precompute_ref_log_probs=True, bf16=cuda, use_cpu=not cuda,
-        gradient_checkpointing=False, save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
+        gradient_checkpointing=args.gradient_checkpointing, save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
         disable_dropout=True, max_length=shape.prompt + shape.instruction + shape.completion,
     )  # fmt: skip
 
@@ -242,6 +247,8 @@ def main(argv=None) -> None:
         setup_s = time.perf_counter() - started
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which this loop replaces
+        if args.gradient_checkpointing:  # as Trainer.train() turns it on (with PEFT's input-gradient hook)
+            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = trainer.create_optimizer()
         batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()][:total]
         runs[kind] = {"trainer": trainer, "optimizer": optimizer, "batches": batches, "times": [], "memory": [],
@@ -308,7 +315,7 @@ def main(argv=None) -> None:
                                                          "vocab"), CONFIGS[args.config], strict=True)),
         "pairs_per_step": shape.pairs, "prompt_tokens": shape.prompt, "completion_tokens": shape.completion,
         "instruction_tokens": shape.instruction, "base_tokens_per_step": tokens, "steps": args.steps,
-        "warmup": args.warmup, "device": torch.cuda.get_device_name() if cuda
+        "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing, "device": torch.cuda.get_device_name() if cuda
         else platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "dtype": str(dtype),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "trl", "peft")},

@@ -186,6 +186,35 @@ class PreferenceDPOConfig(DPOConfig):
             "with an error."
         },
     )
+    # ALIGN_LOSS=onpolicy_distill (preference_dpo/forms/onpolicy.py)
+    distill_on_policy_frac: float = field(
+        default=1.0,
+        metadata={
+            "help": "ALIGN_LOSS=onpolicy_distill: the share of optimizer steps that generate the policy's own "
+            "answers (evenly spread); the other steps distil on the pairs' responses, as GKD's lmbda."
+        },
+    )
+    on_policy_temperature: float = field(
+        default=1.0, metadata={"help": "ALIGN_LOSS=onpolicy_distill: sampling temperature of the policy's answers."}
+    )
+    on_policy_max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "ALIGN_LOSS=onpolicy_distill: the longest answer, in tokens. Default: the longest chosen "
+            "response of the training pairs."
+        },
+    )
+    on_policy_divergence: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "ALIGN_LOSS=onpolicy_distill: `reverse_kl` KL(policy || reference), or `jsd`, GKD's "
+            "generalised Jensen-Shannon divergence with --on_policy_jsd_beta.",
+            "choices": ["reverse_kl", "jsd"],
+        },
+    )
+    on_policy_jsd_beta: float = field(
+        default=0.5, metadata={"help": "--on_policy_divergence jsd: the mixture weight of the reference, in (0, 1)."}
+    )
     # The stage that learns the soft prompt (preference_dpo/ptune.py)
     stage: str = field(
         default="dpo",
@@ -437,6 +466,7 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
     if train.align_loss == "distill" and train.guided_forward != "shared_prompt":
         problems.append(f"{describe('align_loss')}=distill needs --guided_forward shared_prompt.")
     problems += _distill_problems(model, train, zero_stage)
+    problems += _on_policy_problems(model, train, zero_stage)
     if train.ld_alpha is not None:
         problems.append("--ld_alpha is not supported: the aligned loss compares plain summed log-probs.")
     if not data.train_dataset_path:
@@ -509,6 +539,34 @@ def _distill_problems(model: ModelArguments, train: PreferenceDPOConfig, zero_st
     return problems
 
 
+def _on_policy_problems(model: ModelArguments, train: PreferenceDPOConfig, zero_stage: int | None) -> list[str]:
+    """Problems with ALIGN_LOSS=onpolicy_distill and its options."""
+    problems: list[str] = []
+    _check_choice(problems, "on_policy_divergence", train.on_policy_divergence, ("reverse_kl", "jsd"))
+    if not 0.0 < train.distill_on_policy_frac <= 1.0:
+        problems.append(
+            f"{describe('distill_on_policy_frac')} must be in (0, 1]; got {train.distill_on_policy_frac:g}."
+        )
+    if train.on_policy_temperature <= 0:
+        problems.append(f"--on_policy_temperature must be > 0; got {train.on_policy_temperature:g}. Typical: 0.7 to 1.")
+    if train.on_policy_max_new_tokens is not None and train.on_policy_max_new_tokens < 1:
+        problems.append(f"--on_policy_max_new_tokens must be >= 1; got {train.on_policy_max_new_tokens}.")
+    if train.on_policy_divergence == "jsd" and not 0.0 < train.on_policy_jsd_beta < 1.0:
+        problems.append(f"--on_policy_jsd_beta must be in (0, 1); got {train.on_policy_jsd_beta:g}.")
+    if train.align_loss == "onpolicy_distill":
+        form = f"{describe('align_loss')}=onpolicy_distill"
+        if zero_stage == 3:  # the reference's passes with hidden states, as exact ref_distill's
+            problems.append(f"{form} is not supported with ZeRO-3 (ZERO_STAGE=3) yet.")
+        if train.guided_forward != "shared_prompt":
+            problems.append(f"{form} needs --guided_forward shared_prompt.")
+        if not model.use_peft and not model.reference_model_path:
+            problems.append(
+                f"{form} without LoRA has no frozen reference to score the answers: set "
+                f"{describe('reference_model_path')}."
+            )
+    return problems
+
+
 def _ptune_problems(train: PreferenceDPOConfig) -> list[str]:
     """Problems with the settings of the stage that learns the soft prompt (STAGE=ptune)."""
     problems: list[str] = []
@@ -551,6 +609,8 @@ _LARGE_ALPHA = {
     "like a larger learning rate on those pairs (docs/method.md). Watch logps_train/chosen.",
     "distill": "the KL term can outweigh DPO and pull the un-instructed model onto the instructed one token by "
     "token, and training can go unstable (docs/method.md). Watch logps_train/chosen.",
+    "onpolicy_distill": "the divergence is summed over each answer, the scale of DPO's summed log-probs: ALPHA 1 "
+    "is its usual weight (docs/method.md). Watch logps_train/chosen.",
 }
 _LARGE_ALPHA_OTHER = "the aligned term can outweigh DPO (docs/method.md). Watch logps_train/chosen."
 

@@ -107,6 +107,37 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
     return (teacher.exp() * (teacher - student)).sum(dim=-1)
 
 
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(student) || softmax(teacher)) of every row, shape [rows]; the teacher is detached.
+
+    The on-policy form's default divergence: on the student's own samples it is mode-seeking, so the student is
+    pushed off what the teacher finds unlikely rather than made to cover all of the teacher's mass.
+    """
+    teacher = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    return (student.exp() * (student - teacher)).sum(dim=-1)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """GKD's generalised Jensen-Shannon divergence of every row (Agarwal et al. 2023), the teacher detached:
+    `beta KL(t || m) + (1 - beta) KL(s || m)` with the mixture `m = beta t + (1 - beta) s`; 0 < beta < 1
+    (beta -> 0 tends to 0 as the mixture becomes the student; 0.5 is the symmetric JSD)."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"the generalised JSD needs 0 < beta < 1; got {beta}")
+    teacher = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    mixture = torch.logaddexp(teacher + math.log(beta), student + math.log(1.0 - beta))
+    to_mixture_t = (teacher.exp() * (teacher - mixture)).sum(dim=-1)
+    to_mixture_s = (student.exp() * (student - mixture)).sum(dim=-1)
+    return beta * to_mixture_t + (1.0 - beta) * to_mixture_s
+
+
+def steps_on_policy(step: int, fraction: float) -> bool:
+    """Whether optimizer step `step` (0-based) generates: evenly spread, `fraction` of the steps, the same on
+    every rank and after a resume (GKD draws this at random; a fixed pattern keeps runs comparable)."""
+    return math.floor((step + 1) * fraction) > math.floor(step * fraction)
+
+
 @dataclass(frozen=True)
 class LMHead:
     """A causal LM's output layer as TRL's fused LM head applies it when it scores the base view:

@@ -29,6 +29,16 @@ METRIC_TAGS: dict[str, tuple[str, str]] = {
     "ref_hinge_loss": ("loss_components/ref_hinge_loss", "loss_components_eval/ref_hinge_loss"),
     "distill_loss": ("loss_components/distill_loss", "loss_components_eval/distill_loss"),
     "ref_distill_loss": ("loss_components/ref_distill_loss", "loss_components_eval/ref_distill_loss"),
+    "onpolicy_distill_loss": (
+        "loss_components/onpolicy_distill_loss",
+        "loss_components_eval/onpolicy_distill_loss",
+    ),
+    # ALIGN_LOSS=onpolicy_distill, training only: the share of steps on the policy's own answers, their length
+    "onpolicy_frac": ("preference_metrics/onpolicy_frac", "preference_metrics_eval/onpolicy_frac"),
+    "onpolicy_generated_length": (
+        "preference_metrics/onpolicy_generated_length",
+        "preference_metrics_eval/onpolicy_generated_length",
+    ),
     "rewards/accuracies": ("rewards_train/accuracy", "rewards_eval/accuracy"),
     "rewards/chosen": ("rewards_train/chosen", "rewards_eval/chosen"),
     "rewards/rejected": ("rewards_train/rejected", "rewards_eval/rejected"),
@@ -61,6 +71,34 @@ METRIC_TAGS: dict[str, tuple[str, str]] = {
 
 # Keys logged in evaluation only: their train tags are never written.
 EVAL_ONLY_KEYS = ("instruction_gap", "instruction_gap_generated")
+# Keys logged in training only: their eval tags are never written.
+TRAIN_ONLY_KEYS = ("onpolicy_frac", "onpolicy_generated_length")
+
+
+def form_keys(align_loss: str) -> set[str]:
+    """The keys only a run of ALIGN_LOSS=`align_loss` logs among those of every form (its `<form>_loss`, and
+    the on-policy form's own metrics)."""
+    from .forms import FORMS
+
+    keys = {f"{name}_loss": name for name in FORMS}
+    keys |= {key: "onpolicy_distill" for key in TRAIN_ONLY_KEYS}
+    return {key for key, form in keys.items() if form == align_loss}
+
+
+def logged_tags(align_loss: str) -> tuple[set[str], set[str]]:
+    """(the tags a run of `align_loss` with ALPHA > 0 and a test set writes, those it must not write)."""
+    from .forms import FORMS, form_class
+
+    others = {key for name in FORMS if name != align_loss for key in form_keys(name)}
+    written = {tag for key, pair in METRIC_TAGS.items() if key not in others for tag in pair}
+    written -= {METRIC_TAGS[key][0] for key in EVAL_ONLY_KEYS} | {METRIC_TAGS[key][1] for key in TRAIN_ONLY_KEYS}
+    if form_class(align_loss).teacher == "reference":  # no guided forward of the policy in training
+        written -= {METRIC_TAGS[key][0] for key in POLICY_GUIDED_KEYS}
+    return written, {tag for key in others for tag in METRIC_TAGS[key]}
+
+
+# The policy's guided view's statistics: in training only where the form's teacher is the policy itself.
+POLICY_GUIDED_KEYS = ("pref_advantage_ratio", "pref_delta_w", "pref_delta_l", "accuracy_guided", "margin_guided")
 
 # Tags written only when the guided view runs in training (ALPHA > 0); evaluation always writes them.
 GUIDED_KEYS = (

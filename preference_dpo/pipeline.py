@@ -312,6 +312,9 @@ def build_trainer(model, ref_model, tokenizer, model_args, train_args, data: Tok
 def log_throughput(trainer, callbacks: Callbacks, train_seconds: float) -> None:
     if trainer.is_world_process_zero():
         summary = callbacks.throughput.summary(trainer.args, trainer.state, train_seconds)
+        generation = getattr(trainer, "generation_seconds", 0.0)  # ALIGN_LOSS=onpolicy_distill
+        if generation:
+            summary += f"; of which on-policy generation {generation:.0f} s ({generation / train_seconds:.0%})"
         logger.info("Training: %s", summary)
 
 
@@ -326,6 +329,8 @@ def log_report(trainer, callbacks: Callbacks, trained: Trained, seconds: dict[st
     }
     if trained.evaluation_seconds is not None:
         timing["final evaluation"] = trained.evaluation_seconds
+    if getattr(trainer, "generation_seconds", 0.0):
+        timing["of which on-policy generation"] = trainer.generation_seconds
     if callbacks.samples.history:
         timing["of which sample generations"] = callbacks.samples.seconds
     args = trainer.args

@@ -189,6 +189,12 @@ def token_logps_from_hidden(hidden: torch.Tensor, lm_head: LMHead, targets: torc
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def prompts_of(ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask, rows: int) -> list[list[int]]:
+    """The prompt ids of the first `rows` rows: the attended positions outside the completion, in order."""
+    prompt = attention_mask.bool() & ~torch.as_tensor(completion_mask, device=ids.device).bool()
+    return [ids[i][prompt[i]].tolist() for i in range(rows)]
+
+
 def sequence_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed response log-probs, exactly as TRL sums them (rows: chosen..., rejected...)."""
     seq_len = completion_mask.size(1) - 1
@@ -558,8 +564,25 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
                 return lm_head_of(self._unwrapped(self.ref_model)[1])
             return lm_head_of(causal_lm)
 
+        def answers():
+            """The policy's own answers to the chosen rows' prompts, scored after both views."""
+            pairs = base["input_ids"].size(0) // 2
+            base_prompts = prompts_of(base["input_ids"], base["attention_mask"], base["completion_mask"], pairs)
+            if "prompt_input_ids" in guided:  # shared-prompt layout: the guided prompts, left-padded
+                ones = torch.ones_like(guided["prompt_attention_mask"])
+                guided_prompts = prompts_of(
+                    guided["prompt_input_ids"], guided["prompt_attention_mask"], 1 - ones, pairs
+                )
+            else:
+                guided_prompts = prompts_of(
+                    guided["input_ids"], guided["attention_mask"], guided["completion_mask"], pairs
+                )
+            return self.score_answers(base_prompts, guided_prompts, self.generate_answers(base_prompts))
+
         return FormInputs(
             mode=mode,
+            step=self.state.global_step,
+            answers=answers,
             base=GuidedLogps(*sequence_logps(base_output.log_probs, base["completion_mask"])),
             batch=guided,
             response_lengths=response.sum(1),
@@ -588,6 +611,8 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         metrics["aligned_loss"].append(self._mean(aligned.detach()))
         metrics[f"{self.form.name}_loss"].append(metrics["aligned_loss"][-1])
         metrics["aligned_active_frac"].append(self._mean(aligned_active(self.form.target(inputs), h_base)))
+        for key, value in self.form.metrics(inputs).items():
+            metrics[key].append(self._mean(value))
         if inputs.mode == "eval" and self.has_reference():  # without LoRA or REFERENCE_MODEL_PATH there is none
             metrics["instruction_gap"].append(self._mean(self._instruction_gap(inputs)))
 
@@ -605,58 +630,91 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             )  # fmt: skip
         return per_token.mean() if chosen_positions else per_token.new_zeros(())
 
-    @torch.no_grad()
     def generated_instruction_gap(self, prompts, generated: list[list[int]]) -> float | None:
         """The instruction gap (docs/method.md) on the policy's own greedy answers to the sample prompts: the mean
         over their tokens of KL(reference with the instruction || policy without it), each scoring the same answer
         after its own view of the prompt (`report.SampleGenerations`). None without a reference or any token."""
         if not self.has_reference() or not any(generated):
             return None
+        with torch.no_grad(), evaluation_mode(self._unwrapped(self.model)[0]):
+            scored = self.score_answers([p.base_ids for p in prompts], [p.guided_ids for p in prompts], generated)
+            per_token = chunked_rows(
+                lambda s, t: token_kl(scored.student_head.logits(s), scored.teacher_head.logits(t)),
+                scored.student, scored.teacher,
+            )  # fmt: skip
+        return per_token.mean().item()
+
+    def score_answers(self, base_prompts: list[list[int]], guided_prompts: list[list[int]], answers: list[list[int]]):
+        """Each answer after its base prompt through the policy (with gradient if enabled: the student) and after
+        its guided prompt through the frozen reference (eval mode, no gradient: the teacher); their final hidden
+        states at the positions that predict an answer token, answer after answer (`forms.base.ScoredAnswers`).
+
+        Embedding mode: each guided prompt ends in the k placeholders the soft prompt replaces, as in the views.
+        """
+        from .forms.base import ScoredAnswers
+
         pad = self.processing_class.pad_token_id
         device = self.accelerator.device
 
         def rows(prefixes: list[list[int]]):
             """Right-padded prompt + answer rows, and the positions that predict an answer token."""
-            sequences = [prefix + answer for prefix, answer in zip(prefixes, generated, strict=True)]
-            width = max(map(len, sequences))
-            ids = torch.full((len(sequences), width), pad, device=device)
-            mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
-            predicts = torch.zeros((len(sequences), width), dtype=torch.bool, device=device)
-            for i, (prefix, answer) in enumerate(zip(prefixes, generated, strict=True)):
+            width = max(len(prefix) + len(answer) for prefix, answer in zip(prefixes, answers, strict=True))
+            ids = torch.full((len(prefixes), width), pad, device=device)
+            mask = torch.zeros((len(prefixes), width), dtype=torch.long, device=device)
+            predicts = torch.zeros((len(prefixes), width), dtype=torch.bool, device=device)
+            for i, (prefix, answer) in enumerate(zip(prefixes, answers, strict=True)):
                 ids[i, : len(prefix) + len(answer)] = torch.tensor(prefix + answer, device=device)
                 mask[i, : len(prefix) + len(answer)] = 1
                 predicts[i, len(prefix) - 1 : len(prefix) + len(answer) - 1] = True
             return ids, mask, predicts
 
-        def hidden(model, ids, mask, soft_prefixes=None):
-            causal_lm = self._unwrapped(model)[1]
+        def hidden(model, prefixes, soft: bool):
+            ids, mask, predicts = rows(prefixes)
+            unwrapped, causal_lm = self._unwrapped(model)
             kwargs = {"attention_mask": mask}
-            if soft_prefixes is None:
+            if not soft:
                 kwargs["input_ids"] = ids
-            else:  # embedding mode: each guided prompt ends in k placeholders for the soft tokens
+            else:  # each guided prompt ends in k placeholders for the soft tokens
                 k = self.prompt_embedding.shape[0]
-                soft = torch.zeros_like(mask, dtype=torch.bool)
-                for i, length in enumerate(soft_prefixes):
-                    soft[i, length - k : length] = True
-                embeds = self._unwrapped(model)[0].get_input_embeddings()(ids)
-                kwargs["inputs_embeds"] = self._insert_soft_tokens(embeds, soft)
-            return causal_lm.base_model(**kwargs).last_hidden_state, causal_lm
+                placeholders = torch.zeros_like(mask, dtype=torch.bool)
+                for i, prefix in enumerate(prefixes):
+                    placeholders[i, len(prefix) - k : len(prefix)] = True
+                kwargs["inputs_embeds"] = self._insert_soft_tokens(unwrapped.get_input_embeddings()(ids), placeholders)
+            return causal_lm.base_model(**kwargs).last_hidden_state[predicts], causal_lm
 
-        policy = self.model
-        ids, mask, predicts = rows([p.base_ids for p in prompts])
-        with evaluation_mode(self._unwrapped(policy)[0]):
-            student, student_lm = hidden(policy, ids, mask)
-            ids, mask, guided_predicts = rows([p.guided_ids for p in prompts])
-            reference, adapter_off = self._reference(policy)
-            with adapter_off:
-                soft = None if self.prompt_embedding is None else [len(p.guided_ids) for p in prompts]
-                teacher, teacher_lm = hidden(reference, ids, mask, soft)
-        student_head, teacher_head = lm_head_of(student_lm), lm_head_of(teacher_lm)
-        per_token = chunked_rows(
-            lambda s, t: token_kl(student_head.logits(s), teacher_head.logits(t)),
-            student[predicts], teacher[guided_predicts],
+        student, student_lm = hidden(self.model, base_prompts, soft=False)
+        reference, adapter_off = self._reference(self.model)
+        with torch.no_grad(), evaluation_mode(self._unwrapped(reference)[0]), adapter_off:
+            teacher, teacher_lm = hidden(reference, guided_prompts, soft=self.prompt_embedding is not None)
+        lengths = torch.tensor([len(a) for a in answers], device=device)
+        return ScoredAnswers(student, teacher, lengths, lm_head_of(student_lm), lm_head_of(teacher_lm))
+
+    def generate_answers(self, prompts: list[list[int]]) -> list[list[int]]:
+        """The policy's sampled answers to `prompts` (without the instruction): eval mode, no gradient, its own
+        `generate` (every rank under ZeRO-3), --on_policy_temperature and --on_policy_max_new_tokens; each answer
+        up to and including its first end-of-sequence token."""
+        import time
+
+        from transformers import GenerationConfig
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        started = time.perf_counter()
+        pad, eos = self.processing_class.pad_token_id, self.processing_class.eos_token_id
+        device = self.accelerator.device
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        config = GenerationConfig(
+            max_new_tokens=self.args.on_policy_max_new_tokens, do_sample=True,
+            temperature=self.args.on_policy_temperature, top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=eos,
         )  # fmt: skip
-        return per_token.mean().item()
+        unwrapped = self._unwrapped(self.model)[0]
+        with torch.no_grad(), evaluation_mode(unwrapped):
+            output = unwrapped.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=is_deepspeed_zero3_enabled()
+            )
+        self.generation_seconds = getattr(self, "generation_seconds", 0.0) + time.perf_counter() - started
+        return [row[: row.index(eos) + 1] if eos in row else row for row in output[:, width:].tolist()]
 
     def _mean(self, value: torch.Tensor) -> float:
         """The mean over every rank's values (the figure a metric logs)."""

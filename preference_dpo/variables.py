@@ -20,6 +20,7 @@ LAUNCHER_VARIABLES = {
     "ALIGN_LOSS": "align_loss",
     "DISTILL_TOP_K": "distill_top_k",
     "DISTILL_REDUCTION": "distill_reduction",
+    "DISTILL_ON_POLICY_FRAC": "distill_on_policy_frac",
     "BETA": "beta",
     "ALPHA": "aligned_loss_weight",
     "LEARNING_RATE": "learning_rate",

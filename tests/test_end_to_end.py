@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from preference_dpo.metrics import EVAL_ONLY_KEYS, METRIC_TAGS
+from preference_dpo.metrics import logged_tags
 
 from .conftest import REPO
 
@@ -91,10 +91,8 @@ def test_outputs_match_the_user_guide_layout(text_run):
 def test_every_method_tag_is_logged_with_finite_values(text_run):
     _, logs, _ = text_run
     values = scalars(logs)
-    other_forms = {"ref_hinge_loss", "distill_loss", "ref_distill_loss"}  # this run uses ALIGN_LOSS=hinge
-    expected = {tag for key, pair in METRIC_TAGS.items() if key not in other_forms for tag in pair}
-    expected -= {METRIC_TAGS[key][0] for key in EVAL_ONLY_KEYS}  # evaluation only
-    assert not {tag for key in other_forms for tag in METRIC_TAGS[key]} & set(values)
+    expected, not_written = logged_tags("hinge")  # this run uses ALIGN_LOSS=hinge
+    assert not not_written & set(values)
     assert expected <= set(values), sorted(expected - set(values))
     for tag in expected:
         assert all(math.isfinite(v) for v in values[tag]), tag
@@ -219,3 +217,18 @@ def test_no_cache_recomputes_and_keeps_nothing(tmp_path, tiny_model_dir, small_d
     log = next((logs / "runs").iterdir()).read_text()
     assert "Computing the reference log-probs of the train pairs" in log and "Reused" not in log
     assert not (tmp_path / "cache").exists() and not (out / ".tokenized").exists()
+
+
+def test_the_on_policy_form_through_the_launcher(tmp_path, tiny_model_dir, small_data):
+    """ALIGN_LOSS=onpolicy_distill DISTILL_ON_POLICY_FRAC=0.5 through fast_train.sh: every tag of the form is
+    written (none of the other forms'), half the steps generated, and generation's time is reported."""
+    out, logs, result = run_launcher(tmp_path, tiny_model_dir, small_data, ALIGN_LOSS="onpolicy_distill", ALPHA="1",
+                                     DISTILL_ON_POLICY_FRAC="0.5")  # fmt: skip
+    values = scalars(logs)
+    expected, not_written = logged_tags("onpolicy_distill")
+    assert expected <= set(values), sorted(expected - set(values))
+    assert not not_written & set(values)
+    assert values["preference_metrics/onpolicy_frac"] == [0.0, 1.0, 0.0, 1.0]  # steps 0-3 at 0.5, logged every step
+    assert all(0 < n <= 64 for n in values["preference_metrics/onpolicy_generated_length"])
+    output = result.stdout + result.stderr
+    assert "of which on-policy generation" in output

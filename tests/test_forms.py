@@ -53,7 +53,7 @@ def test_every_registered_form_resolves_to_its_class_and_the_launcher_offers_exa
     for name in FORMS:
         cls = form_class(name)
         assert cls.name == name and cls.teacher in ("policy", "reference")
-    assert [n for n in FORMS if form_class(n).per_token] == ["distill", "ref_distill"]
+    assert [n for n in FORMS if form_class(n).per_token] == ["distill", "ref_distill", "onpolicy_distill"]
     with pytest.raises(ValueError, match="unknown ALIGN_LOSS 'nope'; expected one of hinge, ref_hinge"):
         form_class("nope")
 

@@ -230,3 +230,34 @@ def test_reduce_token_kl_hand_computed():
     torch.testing.assert_close(per_token.grad, torch.full((5,), 0.1))
     with pytest.raises(ValueError, match="unknown distill reduction"):
         reduce_token_kl(per_token, lengths, "mean")
+
+
+def test_reverse_kl_and_the_generalised_jsd_hand_computed_with_the_gradient_through_the_student():
+    """s = softmax([0, 0]) = [1/2, 1/2], t = softmax([0, ln 3]) = [1/4, 3/4].
+
+    Reverse KL(s || t) = 1/2 ln(2) + 1/2 ln(2/3) = 0.143841; d/dz_j = s_j (log s_j - log t_j - KL):
+    [1/2 (ln 2 - 0.143841), 1/2 (ln(2/3) - 0.143841)] = [0.274653, -0.274653].
+    JSD at beta 1/2: m = [3/8, 5/8]; KL(t || m) = 1/4 ln(2/3) + 3/4 ln(6/5) = 0.035372, KL(s || m) = 1/2 ln(4/3)
+    + 1/2 ln(4/5) = 0.032287; 1/2 (0.035372 + 0.032287) = 0.033830.
+    """
+    from preference_dpo.losses import generalized_jsd, reverse_kl
+
+    student = torch.zeros(1, 2, requires_grad=True)
+    teacher = torch.tensor([[0.0, math.log(3)]], requires_grad=True)
+    value = reverse_kl(student, teacher)
+    assert value.item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), abs=1e-6)
+    value.sum().backward()
+    assert student.grad[0].tolist() == pytest.approx([0.274653, -0.274653], abs=1e-5)
+    assert teacher.grad is None  # the teacher is detached
+    jsd = generalized_jsd(torch.zeros(1, 2), torch.tensor([[0.0, math.log(3)]]), 0.5)
+    assert jsd.item() == pytest.approx(0.033830, abs=1e-5)
+    with pytest.raises(ValueError, match="0 < beta < 1"):
+        generalized_jsd(torch.zeros(1, 2), torch.zeros(1, 2), 1.0)
+
+
+def test_the_on_policy_steps_are_spread_evenly_and_counted_exactly():
+    from preference_dpo.losses import steps_on_policy
+
+    assert [steps_on_policy(s, 0.25) for s in range(8)] == [False, False, False, True] * 2
+    assert all(steps_on_policy(s, 1.0) for s in range(5))
+    assert sum(steps_on_policy(s, 0.3) for s in range(100)) == 30

@@ -201,6 +201,17 @@ def test_teacher_store_holds_the_reference_top_k_and_resumes_after_a_kill(
         ),
         (["--align_loss", "ref_distill", "--guided_forward", "full"], "ref_distill needs --guided_forward"),
         (["--align_loss", "ref_distill", "--use_peft", "false"], "without LoRA has no frozen reference"),
+        (
+            ["--align_loss", "onpolicy_distill", "--distill_on_policy_frac", "0"],
+            r"DISTILL_ON_POLICY_FRAC \(--distill_on_policy_frac\) must be in \(0, 1\]; got 0",
+        ),
+        (["--align_loss", "onpolicy_distill", "--on_policy_temperature", "0"], "--on_policy_temperature must be > 0"),
+        (
+            ["--align_loss", "onpolicy_distill", "--on_policy_divergence", "jsd", "--on_policy_jsd_beta", "1"],
+            r"--on_policy_jsd_beta must be in \(0, 1\)",
+        ),
+        (["--align_loss", "onpolicy_distill", "--use_peft", "false"], "onpolicy_distill without LoRA"),
+        (["--align_loss", "onpolicy_distill", "--on_policy_max_new_tokens", "0"], "must be >= 1; got 0"),
     ],
 )
 def test_distill_options_are_validated(tiny_model_dir, tmp_path, monkeypatch, flags, message):
@@ -368,3 +379,87 @@ def test_the_instruction_gap_on_the_models_own_answers_scores_each_answer_after_
     assert expected > 1e-3 and len(torch.cat(rows)) == 6
     assert gap == pytest.approx(expected, rel=1e-4)
     assert trainer.generated_instruction_gap(prompts, [[], []]) is None
+
+
+def test_the_on_policy_form_generates_without_the_instruction_and_scores_with_it(
+    tiny_model_dir, tokenizer, pairs, tmp_path
+):
+    """ALIGN_LOSS=onpolicy_distill on an on-policy step: the policy samples answers to the chosen rows' prompts
+    WITHOUT the instruction's tokens; the reference scores them after the prompts WITH them; the loss is the
+    reverse KL at every answer token, summed per answer and averaged, as computed here from both models' own
+    logits on the same ids."""
+    from transformers import AutoModelForCausalLM
+
+    from .test_trl_contract import P
+
+    trainer = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, align_loss="onpolicy_distill",
+                           on_policy_max_new_tokens=5)  # fmt: skip
+    perturb_adapter(trainer)
+    batch, _ = first_batch(trainer)
+    seen = {}
+    generate, score = trainer.generate_answers, trainer.score_answers
+
+    def spy_generate(prompts):
+        seen["prompts"], seen["answers"] = prompts, generate(prompts)
+        return seen["answers"]
+
+    def spy_score(base_prompts, guided_prompts, answers):
+        seen["guided"] = guided_prompts
+        return score(base_prompts, guided_prompts, answers)
+
+    trainer.generate_answers, trainer.score_answers = spy_generate, spy_score
+    torch.manual_seed(0)
+    model = trainer.model.train()
+    trainer.compute_loss(model, batch)
+
+    instruction = tokenizer(P, add_special_tokens=False)["input_ids"]
+
+    def contains(ids, part):
+        return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+    pairs_in_batch = batch["input_ids"].size(0) // 2
+    assert len(seen["prompts"]) == pairs_in_batch == len(seen["answers"])
+    assert not any(contains(p, instruction) for p in seen["prompts"])
+    assert all(contains(g, instruction) for g in seen["guided"])
+    assert all(1 <= len(a) <= 5 for a in seen["answers"])
+    metrics = trainer._metrics["train"]
+    assert metrics["onpolicy_frac"][-1] == 1.0
+    assert metrics["onpolicy_generated_length"][-1] == pytest.approx(sum(map(len, seen["answers"])) / pairs_in_batch)
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    sums = []
+    with torch.no_grad():
+        for prompt, guided, answer in zip(seen["prompts"], seen["guided"], seen["answers"], strict=True):
+            student = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+            teacher = reference(input_ids=torch.tensor([guided + answer])).logits[0, len(guided) - 1 : -1]
+            log_s, log_t = torch.log_softmax(student.double(), -1), torch.log_softmax(teacher.double(), -1)
+            sums.append((log_s.exp() * (log_s - log_t)).sum())
+    expected = torch.stack(sums).mean().item()
+    assert expected > 1e-3
+    assert metrics["onpolicy_distill_loss"][-1] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_on_policy_form_off_its_steps_distils_on_the_pairs_responses(tiny_model_dir, tokenizer, pairs, tmp_path):
+    """DISTILL_ON_POLICY_FRAC 0.5: step 0 takes the pairs' responses (no generation), the reverse KL against the
+    reference's instructed view of them; step 1 generates."""
+    trainer = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, align_loss="onpolicy_distill",
+                           distill_on_policy_frac=0.5, on_policy_max_new_tokens=3)  # fmt: skip
+    perturb_adapter(trainer)
+    batch, full = first_batch(trainer)
+    calls = []
+    generate = trainer.generate_answers
+    trainer.generate_answers = lambda prompts: calls.append(len(prompts)) or generate(prompts)
+    model, _ = training_loss(trainer, batch)
+    assert calls == [] and trainer._metrics["train"]["onpolicy_frac"][-1] == 0.0
+    teacher_logits, teacher_mask, _ = reference_logits(tiny_model_dir, full)
+    with torch.no_grad():
+        student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["completion_mask"][:, 1:].bool()
+    log_t = torch.log_softmax(teacher_logits[teacher_mask].double(), -1)
+    log_s = torch.log_softmax(student_logits[mask].double(), -1)
+    per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
+    expected = torch.stack([c.sum() for c in per_token.split(mask.sum(1).tolist())]).mean().item()
+    assert trainer._metrics["train"]["onpolicy_distill_loss"][-1] == pytest.approx(expected, rel=1e-4)
+    trainer.state.global_step = 1
+    trainer.compute_loss(model, batch)
+    assert calls == [batch["input_ids"].size(0) // 2] and trainer._metrics["train"]["onpolicy_frac"][-1] == 1.0

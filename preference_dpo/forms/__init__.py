@@ -23,6 +23,7 @@ FORMS = {
     "ref_hinge": "margin:RefHinge",
     "distill": "distill:Distill",
     "ref_distill": "distill:RefDistill",
+    "onpolicy_distill": "onpolicy:OnPolicyDistill",
 }
 
 

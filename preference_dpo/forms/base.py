@@ -31,6 +31,19 @@ class GuidedLogps:
         return self.chosen - self.rejected
 
 
+@dataclass(frozen=True)
+class ScoredAnswers:
+    """Answers (the policy's own, for the on-policy form) scored after both views: the final hidden states at
+    the positions that predict each answer token, answer after answer, of the student (the policy without the
+    instruction, with gradient) and of the teacher (the frozen reference with it), and their LM heads."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    lengths: torch.Tensor  # tokens per answer
+    student_head: LMHead
+    teacher_head: LMHead
+
+
 @dataclass
 class FormInputs:
     """One batch, as a form sees it.
@@ -49,7 +62,16 @@ class FormInputs:
     lm_heads: Callable[[str], LMHead]  # "policy" / "reference" -> the LM head that scores its hidden states
     token_mean_divisor: Callable[[torch.Tensor], torch.Tensor | None]
     student_hidden: torch.Tensor | None = None
+    step: int = 0  # the optimizer step being taken (0-based)
+    answers: Callable[[], ScoredAnswers] | None = None  # the policy's own answers to the pairs' prompts, scored
     _guided: dict = field(default_factory=dict)
+    _answers: ScoredAnswers | None = None
+
+    def own_answers(self) -> ScoredAnswers:
+        """The policy's sampled answers to this batch's prompts, generated and scored once per batch."""
+        if self._answers is None:
+            self._answers = self.answers()
+        return self._answers
 
     def guided(self, who: Literal["policy", "reference"], with_hidden: bool = False) -> GuidedLogps:
         """`who`'s guided view of the pairs, computed once per batch (again only to add hidden states)."""
@@ -89,3 +111,7 @@ class AlignedForm:
 
     def loss(self, inputs: FormInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def metrics(self, inputs: FormInputs) -> dict[str, torch.Tensor]:
+        """The form's own metrics of the batch, after `loss` (logged as `metrics.METRIC_TAGS` names them)."""
+        return {}
