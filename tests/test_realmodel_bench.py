@@ -65,3 +65,22 @@ def test_the_report_section_replaces_its_markers_and_the_method_report_keeps_it(
     assert "| ref_distill top16 sum a=1 lr2e-4 | 0.90 ± 0.00 |" in text and "1 epoch(s) = 11 steps" in text
     assert kept_sections(report).strip() == text[text.index(run.START) : text.index(run.END) + len(run.END)]
     assert kept_sections(tmp_path / "missing.md") == ""
+
+
+def test_a_finished_run_is_reused_on_its_own_settings_only(tmp_path, monkeypatch):
+    """The key of a run covers its arm, instruction, seed and epochs, not the list of arms: adding an arm reruns
+    nothing else; another learning rate or seed is another run."""
+    import json
+
+    arm = run.ARMS[0]
+    key = run.unit_key(arm, None, 0, 2, False)
+    monkeypatch.setattr(run, "ARMS", (*run.ARMS, run.Arm("new arm", "hinge", 0.1)))
+    assert run.unit_key(arm, None, 0, 2, False) == key
+    assert key != run.unit_key(arm, None, 1, 2, False) != run.unit_key(arm, None, 0, 1, False)
+    other = run.Arm(arm.name, arm.align_loss, arm.alpha, arm.learning_rate * 2)
+    assert run.unit_key(other, None, 0, 2, False) != key
+    folder = run.unit_folder(tmp_path, arm, None, 0)
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps({"fingerprint": key, "facts": 0.5}))
+    assert run.finished(folder, key) == {"fingerprint": key, "facts": 0.5}
+    assert run.finished(folder, "another") is None and run.finished(tmp_path / "none", key) is None

@@ -66,6 +66,7 @@ class Arm:
     alpha: float = 0.0
     learning_rate: float = 5e-4
     distill_top_k: int | None = None
+    flags: tuple[tuple[str, str], ...] = ()  # any other settings of the arm, (flag, value)
 
     @property
     def is_dpo(self) -> bool:
@@ -79,6 +80,8 @@ ARMS = (
     Arm("hinge a=0.1 lr5e-4", "hinge", 0.1, 5e-4),
     Arm("ref_distill top16 sum a=1 lr2e-4", "ref_distill", 1.0, 2e-4, 16),
     Arm("ref_distill top16 sum a=1 lr5e-4", "ref_distill", 1.0, 5e-4, 16),
+    # on the policy's own answers, every step, sampled at temperature 1 (ALIGN_LOSS=onpolicy_distill)
+    Arm("onpolicy_distill rkl a=1 lr5e-4", "onpolicy_distill", 1.0, 5e-4),
 )
 QUICK_ARMS = ("dpo lr5e-4", "ref_distill top16 sum a=1 lr5e-4")
 # The DEMO=smollm2 settings (2 epochs of 88 pairs = 22 steps; --epochs); the tool's defaults otherwise (BETA 0.05, LoRA
@@ -105,13 +108,27 @@ def _one_thread() -> None:
     _configure_logging()
 
 
-def fingerprint(epochs: int) -> str:
-    """What a finished run is reused on: the benchmark's own sources, the pairs and the epochs. Not the tool's
-    sources: a refactoring would rerun every arm (each result records the commit it ran on)."""
-    digest = hashlib.sha256(str(epochs).encode())
-    for path in [*sorted(HERE.glob("*.py")), *sorted(DATA.glob("*.jsonl"))]:
+SOURCES = ("measure.py", "detectors.py", "pairs.py")  # what a result depends on, besides its unit's settings
+
+
+def _digest(*parts) -> str:
+    digest = hashlib.sha256()
+    for path in [*(HERE / name for name in SOURCES), *sorted(DATA.glob("*.jsonl"))]:
         digest.update(path.read_bytes())
+    digest.update(json.dumps([MAX_NEW_TOKENS, *parts], sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def base_key(quick: bool) -> str:
+    """What the base model's measures are reused on: the measuring code, the questions and the pairs."""
+    return _digest("base", quick)
+
+
+def unit_key(arm: Arm, instruction: str | None, seed: int, epochs: int, quick: bool) -> str:
+    """What a finished run is reused on: the measuring code, the pairs, the training settings and the unit's own
+    (arm, instruction, seed, epochs). Not the tool's sources: a refactoring would rerun every arm (each result
+    records the commit it ran on); nor the list of arms, so adding one reruns nothing else."""
+    return _digest(TRAINING, dataclasses.asdict(arm), instruction, seed, epochs, quick)
 
 
 def commit() -> str:
@@ -190,6 +207,7 @@ def train_and_measure(unit: dict) -> dict:
         "aligned_loss_weight": arm.alpha,
         **({"distill_top_k": arm.distill_top_k, "distill_reduction": "sequence_sum"} if arm.distill_top_k else {}),
         "learning_rate": arm.learning_rate,
+        **dict(arm.flags),
         "seed": unit["seed"],
         "output_dir": folder / "adapter",
         "log_dir": folder / "tensorboard",
@@ -217,6 +235,19 @@ def train_and_measure(unit: dict) -> dict:
     }  # fmt: skip
     (folder / "result.json").write_text(json.dumps({**result, "fingerprint": unit["fingerprint"]}, indent=1))
     return result
+
+
+def unit_folder(work: Path, arm: Arm, instruction: str | None, seed: int) -> Path:
+    return work / f"{arm.name.replace(' ', '_')}_{instruction or 'dpo'}_seed{seed}"
+
+
+def finished(folder: Path, key: str) -> dict | None:
+    """The run's result if it finished with these settings."""
+    done = folder / "result.json"
+    if not done.exists():
+        return None
+    result = json.loads(done.read_text())
+    return result if result.get("fingerprint") == key else None
 
 
 def units(arms, instructions, seeds) -> list[tuple[Arm, str | None, int]]:
@@ -255,39 +286,47 @@ def main(argv: list[str] | None = None) -> int:
     questions = held_out_questions()[:6] if args.quick else held_out_questions()
     if args.quick:
         instructions = instructions[:1]
-    key = fingerprint(args.epochs) + ("-quick" if args.quick else "")
     head = commit()
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
     base_file = args.work / "base.json"
     base = json.loads(base_file.read_text()) if base_file.exists() else {}
-    if args.fresh or base.get("fingerprint") != key:
+    if args.fresh or base.get("fingerprint") != base_key(args.quick):
         _one_thread()
         logger.info("Measuring the base model with and without each instruction ...")
-        base = {**measure_base(model_dir, questions, args.quick), "fingerprint": key}
+        base = {**measure_base(model_dir, questions, args.quick), "fingerprint": base_key(args.quick)}
         base_file.write_text(json.dumps(base, indent=1, ensure_ascii=False))
 
-    todo, results = [], []
+    todo, reused = [], 0
     for arm, instruction, seed in units(arms, instructions, seeds):
-        folder = args.work / f"{arm.name.replace(' ', '_')}_{instruction or 'dpo'}_seed{seed}"
-        done = folder / "result.json"
-        if not args.fresh and done.exists() and json.loads(done.read_text()).get("fingerprint") == key:
-            results.append(json.loads(done.read_text()))
+        folder, key = unit_folder(args.work, arm, instruction, seed), unit_key(arm, instruction, seed, args.epochs,
+                                                                                args.quick)  # fmt: skip
+        if not args.fresh and finished(folder, key) is not None:
+            reused += 1
             continue
         todo.append({"arm": dataclasses.asdict(arm), "instruction": instruction, "seed": seed, "folder": str(folder),
                      "model_dir": str(model_dir), "cache": str(args.work / "cache"), "quick": args.quick,
                      "questions": questions, "reference_answers": base["reference_answers"], "fingerprint": key,
                      "epochs": args.epochs, "commit": head})  # fmt: skip
-    logger.info("%d runs to train (%d reused), %d at a time", len(todo), len(results), args.jobs)
+    logger.info("%d runs to train (%d reused), %d at a time", len(todo), reused, args.jobs)
     context = multiprocessing.get_context("spawn")  # torch and fork do not mix
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_one_thread) as pool:
         for future in concurrent.futures.as_completed([pool.submit(train_and_measure, u) for u in todo]):
             result = future.result()
             logger.info("%s %s seed %d: %s", result["arm"], result["instruction"] or "", result["seed"],
                         {k: result[k] for k in ("greedy", "facts", "one_sentence")})  # fmt: skip
-            results.append(result)
     wall = time.monotonic() - started
+    # the report: every finished run of every arm and instruction at these seeds, this invocation's or earlier
+    reported = [name for name in measure.INSTRUCTIONS if name in instructions or any(
+        finished(unit_folder(args.work, a, name, s), unit_key(a, name, s, args.epochs, args.quick))
+        for a in ARMS if not a.is_dpo for s in seeds)]  # fmt: skip
+    results = [
+        result for arm, instruction, seed in units(ARMS, reported, seeds)
+        if (result := finished(unit_folder(args.work, arm, instruction, seed),
+                               unit_key(arm, instruction, seed, args.epochs, args.quick))) is not None
+    ]  # fmt: skip
+    instructions = reported
     summary = summarise(base, results, instructions)
     if not args.quick:
         meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": wall, "jobs": args.jobs,
