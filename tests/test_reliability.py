@@ -224,12 +224,18 @@ def adapter(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def test_killed_run_resumes_and_matches_uninterrupted(common, capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "form",
+    [[], ["--align_loss", "onpolicy_distill", "--aligned_loss_weight", "1", "--on_policy_max_new_tokens", "6"]],
+    ids=["hinge", "onpolicy_distill"],
+)
+def test_killed_run_resumes_and_matches_uninterrupted(common, capsys, tmp_path, monkeypatch, form):
     from preference_dpo.trainer import PreferenceGuidedDPOTrainer
 
-    # LoRA dropout on: every step draws masks, so the random state must match too. The uninterrupted run fills the
-    # cache (its reference pass iterates a data loader, which draws a seed), the later runs reuse it.
-    steps = ["--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-2", "--lora_dropout", "0.1"]
+    # LoRA dropout on: every step draws masks, so the random state must match too (and onpolicy_distill samples
+    # its answers from it). The uninterrupted run fills the cache (its reference pass iterates a data loader,
+    # which draws a seed), the later runs reuse it.
+    steps = ["--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-2", "--lora_dropout", "0.1", *form]
     reference_args = [*common, *steps, "--output_dir", str(tmp_path / "ref"), "--log_dir", str(tmp_path / "ref_logs")]
     assert run_main(reference_args, capsys)[0] == 0
     assert json.loads((tmp_path / "ref" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
