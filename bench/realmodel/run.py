@@ -426,15 +426,15 @@ def write_report(summary: list[dict], base: dict, meta: dict, instructions: list
             f"**{measure.INSTRUCTIONS[n].text}** (instructed base model: capitals {base['with'][n]['facts']:.2f})",
             "",
             "| arm | transfer (greedy) | transfer (sampled) | lowest seed | capitals | one sentence | "
-            "logp of instructed answers | logp(chosen) at the end | target |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "logp of instructed answers | logp(chosen) at the end | tool run (s, 1 thread, setup included) | target |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in summary if r["instruction"] == n):
             lines.append(
                 f"| {row['arm']} | {f(row['transfer_greedy'])} | {f(row['transfer_sampled'])} | "
                 f"{row['transfer_min']:.2f} | {f(row['facts'])} | {f(row['one_sentence'])} | "
                 f"{f(row['instructed_answer_logp'])} | {f(row['logps_chosen_last'], 1)} | "
-                f"{'met' if row['meets_targets'] else 'missed'} |"
+                f"{row['train_seconds'][0]:.0f} | {'met' if row['meets_targets'] else 'missed'} |"
             )
         lines.append("")
     lines.append(END)
