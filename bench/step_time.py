@@ -16,6 +16,7 @@ model, batches and settings, in one process:
   H  B with ALIGN_LOSS=ref_distill, exact (the reference's guided forward in every step)
   I  B with ALIGN_LOSS=ref_distill --distill_top_k K (`--top_k`, default 64; the teacher precomputed)
   J  B with ALIGN_LOSS=ref_hinge (the reference's guided margins precomputed)
+  K  B with ALIGN_LOSS=onpolicy_distill (every step generates ON_POLICY_TOKENS tokens per pair, then scores them)
 The weights are random: step time and memory depend on the shape, not on the values. `smollm2` is
 SmolLM2-135M-Instruct's architecture (Llama) at the real-model benchmark's batch, 8 pairs of 160 tokens.
 Steps run round-robin (A B C D A B C D ...) so machine drift hits all alike. Per configuration: median
@@ -141,6 +142,10 @@ class RssPeak:
         return self.peak - self.base
 
 
+# Kind K's answers: random weights rarely end one, so each step generates this many tokens per pair.
+ON_POLICY_TOKENS = 32
+
+
 def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding, top_k: int):
     """A plain TRL DPOTrainer (kind A) or ours (B to I), on pre-tokenized pairs."""
     from peft import LoraConfig
@@ -168,10 +173,12 @@ def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding, top_k: 
         alpha = 0.0 if kind == "D" else 0.1
         guided_forward = "full" if kind in "EF" else "shared_prompt"
         embedding = kind in "CF"
-        align_loss = {"G": "distill", "H": "ref_distill", "I": "ref_distill", "J": "ref_hinge"}.get(kind, "hinge")
+        align_loss = {"G": "distill", "H": "ref_distill", "I": "ref_distill", "J": "ref_hinge",
+                      "K": "onpolicy_distill"}.get(kind, "hinge")  # fmt: skip
+        on_policy = {"on_policy_max_new_tokens": ON_POLICY_TOKENS} if kind == "K" else {}
         args = PreferenceDPOConfig(max_length=max_length, aligned_loss_weight=alpha, guided_forward=guided_forward,
                                    align_loss=align_loss, distill_top_k=top_k if kind == "I" else None,
-                                   **args_kwargs)  # fmt: skip
+                                   **on_policy, **args_kwargs)  # fmt: skip
         k = soft_embedding.shape[0] if embedding else 0
         collator = PreferenceViewsCollator(pad_token_id=pad, max_length=max_length, num_soft_tokens=k,
                                            guided_forward=guided_forward)  # fmt: skip
@@ -200,7 +207,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=None, help="pairs per step (default: 4; smollm2: 8)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFGHIJ")
+    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFGHIJK")
     parser.add_argument("--top_k", type=int, default=64, help="K of configuration I")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench/results/<config>.json)")
     parser.add_argument(
@@ -335,6 +342,7 @@ def main(argv=None) -> None:
         "G": "text, distill",
         "H": "ref_distill",
         "I": f"ref_dist K{args.top_k}",
+        "K": "onpolicy",
         "J": "ref_hinge",
     }
     lines = [
