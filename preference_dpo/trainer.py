@@ -189,6 +189,13 @@ def token_logps_from_hidden(hidden: torch.Tensor, lm_head: LMHead, targets: torc
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def zero3() -> bool:
+    """DeepSpeed ZeRO-3: parameters are sharded, gathered only inside their modules' forwards."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def prompts_of(ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask, rows: int) -> list[list[int]]:
     """The prompt ids of the first `rows` rows: the attended positions outside the completion, in order."""
     prompt = attention_mask.bool() & ~torch.as_tensor(completion_mask, device=ids.device).bool()
@@ -613,7 +620,9 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         metrics["aligned_active_frac"].append(self._mean(aligned_active(self.form.target(inputs), h_base)))
         for key, value in self.form.metrics(inputs).items():
             metrics[key].append(self._mean(value))
-        if inputs.mode == "eval" and self.has_reference():  # without LoRA or REFERENCE_MODEL_PATH there is none
+        # without LoRA or REFERENCE_MODEL_PATH there is no reference; under ZeRO-3 the LM head's weight is sharded
+        # outside its own forward, where the gap scores hidden states
+        if inputs.mode == "eval" and self.has_reference() and not zero3():
             metrics["instruction_gap"].append(self._mean(self._instruction_gap(inputs)))
 
     @staticmethod
@@ -634,7 +643,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         """The instruction gap (docs/method.md) on the policy's own greedy answers to the sample prompts: the mean
         over their tokens of KL(reference with the instruction || policy without it), each scoring the same answer
         after its own view of the prompt (`report.SampleGenerations`). None without a reference or any token."""
-        if not self.has_reference() or not any(generated):
+        if not self.has_reference() or not any(generated) or zero3():
             return None
         with torch.no_grad(), evaluation_mode(self._unwrapped(self.model)[0]):
             scored = self.score_answers([p.base_ids for p in prompts], [p.guided_ids for p in prompts], generated)
