@@ -242,6 +242,13 @@ def chunked_rows(fn, *rows: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     return torch.cat(parts) if parts else rows[0].new_zeros(0, dtype=torch.float32)
 
 
+def chunked_divergence(student: torch.Tensor, teacher: torch.Tensor, student_head: LMHead, teacher_head: LMHead,
+                       divergence=token_kl) -> torch.Tensor:  # fmt: skip
+    """`divergence` (default `token_kl`) between the next-token distributions of paired rows of final hidden
+    states, each through its own LM head, `chunked_rows` at a time: shape [rows]."""
+    return chunked_rows(lambda s, t: divergence(student_head.logits(s), teacher_head.logits(t)), student, teacher)
+
+
 # --- the learned preference prompt (STAGE=ptune, docs/method.md "Learned preference prompt") ---------------
 
 

@@ -39,10 +39,9 @@ from .forms.base import FormInputs, GuidedLogps
 from .losses import (
     LMHead,
     aligned_active,
-    chunked_rows,
+    chunked_divergence,
     pref_advantage_ratio,
     preference_stats,
-    token_kl,
     topk_teacher,
 )
 from .soft_prompt import insert_soft_tokens
@@ -633,10 +632,9 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         teacher = inputs.guided("reference", with_hidden=True).hidden[:chosen_positions]
         student_head, teacher_head = inputs.lm_heads("policy"), inputs.lm_heads("reference")
         with torch.no_grad():
-            per_token = chunked_rows(
-                lambda s, t: token_kl(student_head.logits(s), teacher_head.logits(t)),
-                inputs.student_hidden[:chosen_positions], teacher,
-            )  # fmt: skip
+            per_token = chunked_divergence(
+                inputs.student_hidden[:chosen_positions], teacher, student_head, teacher_head
+            )
         return per_token.mean() if chosen_positions else per_token.new_zeros(())
 
     def generated_instruction_gap(self, prompts, generated: list[list[int]]) -> float | None:
@@ -647,10 +645,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             return None
         with torch.no_grad(), evaluation_mode(self._unwrapped(self.model)[0]):
             scored = self.score_answers([p.base_ids for p in prompts], [p.guided_ids for p in prompts], generated)
-            per_token = chunked_rows(
-                lambda s, t: token_kl(scored.student_head.logits(s), scored.teacher_head.logits(t)),
-                scored.student, scored.teacher,
-            )  # fmt: skip
+            per_token = chunked_divergence(scored.student, scored.teacher, scored.student_head, scored.teacher_head)
         return per_token.mean().item()
 
     def score_answers(self, base_prompts: list[list[int]], guided_prompts: list[list[int]], answers: list[list[int]]):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import chunked_rows, reduce_token_kl, token_kl, topk_token_kl
+from ..losses import chunked_divergence, chunked_rows, reduce_token_kl, topk_token_kl
 from .base import AlignedForm, FormInputs
 
 
@@ -26,9 +26,7 @@ class Distill(AlignedForm):
         states through the teacher's LM head, in chunks (`chunked_rows`)."""
         student_head, teacher_head = inputs.lm_heads("policy"), inputs.lm_heads(self.teacher)
         teacher = inputs.guided(self.teacher, with_hidden=True).hidden
-        return chunked_rows(
-            lambda s, t: token_kl(student_head.logits(s), teacher_head.logits(t)), inputs.student_hidden, teacher
-        )
+        return chunked_divergence(inputs.student_hidden, teacher, student_head, teacher_head)
 
     def reduce(self, inputs: FormInputs, per_token: torch.Tensor) -> torch.Tensor:
         lengths = inputs.response_lengths

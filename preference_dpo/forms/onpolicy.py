@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import chunked_rows, generalized_jsd, reduce_token_kl, reverse_kl, steps_on_policy
+from ..losses import chunked_divergence, generalized_jsd, reduce_token_kl, reverse_kl, steps_on_policy
 from .base import AlignedForm, FormInputs
 
 
@@ -47,9 +47,7 @@ class OnPolicyDistill(AlignedForm):
             student, lengths = inputs.student_hidden, inputs.response_lengths
             teacher = inputs.guided("reference", with_hidden=True).hidden
             student_head, teacher_head = inputs.lm_heads("policy"), inputs.lm_heads("reference")
-        per_token = chunked_rows(
-            lambda s, t: self.divergence(student_head.logits(s), teacher_head.logits(t)), student, teacher
-        )
+        per_token = chunked_divergence(student, teacher, student_head, teacher_head, self.divergence)
         return reduce_token_kl(per_token, lengths, "sequence_sum")
 
     def metrics(self, inputs: FormInputs) -> dict[str, torch.Tensor]:
