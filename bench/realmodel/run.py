@@ -401,8 +401,9 @@ def write_report(summary: list[dict], base: dict, meta: dict, instructions: list
     lines = [START, "## The real model: SmolLM2-135M-Instruct (`python -m bench.realmodel.run`)", ""]
     lines += [
         f"{meta['date']}, seeds {meta['seeds']}, {meta['jobs']} runs side by side on {meta['machine']}: "
-        f"{meta['wall_seconds'] / 60:.0f} min wall, {meta['cpu_seconds_training'] / 60:.0f} CPU-min of training and "
-        "measuring. The model is a Q4_1 copy dequantised (a degraded copy of the original); the pairs contrast "
+        f"{meta['wall_seconds'] / 60:.0f} min wall for the runs this invocation trained, "
+        f"{meta['cpu_seconds_training'] / 60:.0f} CPU-min of training and measuring over every run reported (earlier "
+        "ones reused). The model is a Q4_1 copy dequantised (a degraded copy of the original); the pairs contrast "
         f"brevity (`data/smollm2_pairs/`), {meta['epochs']} epoch(s) = {meta['steps']} steps of 8 pairs, LoRA r16, "
         "BETA 0.05. Measured on 40 held-out questions "
         "without the instruction (greedy, and one sample at temperature 0.7), and 30 capital questions.",
