@@ -138,6 +138,11 @@ def steps_on_policy(step: int, fraction: float) -> bool:
     return math.floor((step + 1) * fraction) > math.floor(step * fraction)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, or float64 if it is (so the tests' float64 reference computations stay exact)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass(frozen=True)
 class LMHead:
     """A causal LM's output layer as TRL's fused LM head applies it when it scores the base view:
@@ -152,7 +157,7 @@ class LMHead:
     final_logit_softcapping: float | None = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        z = F.linear(hidden, self.weight, self.bias).float()
+        z = at_least_fp32(F.linear(hidden, self.weight, self.bias))
         if self.logit_scale != 1.0:
             z = z * self.logit_scale
         if self.final_logit_softcapping is not None:
@@ -179,7 +184,7 @@ def log_rest_mass(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def topk_teacher(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's K most likely ids per row, their log-probs ([rows, K] each) and log q_R ([rows])."""
-    log_probs = torch.log_softmax(teacher_logits.float(), dim=-1)
+    log_probs = torch.log_softmax(at_least_fp32(teacher_logits), dim=-1)
     top_logps, ids = log_probs.topk(k, dim=-1)
     return ids, top_logps, log_rest_mass(log_probs, ids)
 
@@ -194,9 +199,9 @@ def topk_token_kl(
     s_R = 1 - sum_S s_v, both in log space and floored at 1e-30 (`log_rest_mass`). K = |V| is the exact KL.
     Its gradient in the student logits z_j is `s_j - q_j` for j in S and `s_j - q_R s_j / s_R` outside it.
     """
-    student = torch.log_softmax(student_logits.float(), dim=-1)
+    student = torch.log_softmax(at_least_fp32(student_logits), dim=-1)
     ids = teacher_ids.long()
-    q_top, q_rest = teacher_logps.detach().float(), teacher_log_rest.detach().float()
+    q_top, q_rest = at_least_fp32(teacher_logps.detach()), at_least_fp32(teacher_log_rest.detach())
     top = (q_top.exp() * (q_top - student.gather(-1, ids))).sum(dim=-1)
     return top + q_rest.exp() * (q_rest - log_rest_mass(student, ids))
 

@@ -36,6 +36,7 @@ from .errors import UserInputError
 from .faults import FaultTolerantTrainer
 from .forms import form_for
 from .forms.base import FormInputs, GuidedLogps
+from .head_pass import install as install_head_pass
 from .losses import (
     LMHead,
     aligned_active,
@@ -244,6 +245,10 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         if self.form.per_token:  # its logits are computed from hidden states
             causal_lm = self._unwrapped(self.model)[1]
             check_lm_head(causal_lm, lm_head_of(causal_lm), self.args.align_loss)
+        # The base view's head pass scores a precomputed teacher with the labels. Under ZeRO-3 the head's weight is
+        # sharded outside its own forward and a recomputed chunk could not see it: there TRL's head scores the
+        # labels and the form its own logits, a second pass.
+        self._head_pass = None if zero3() else install_head_pass(self._unwrapped(self.model)[1], lm_head_of)
         self.train_dataset = self.form.prepare(self, self.train_dataset, "train")
         if self.eval_dataset is not None:
             self.eval_dataset = self.form.prepare(self, self.eval_dataset, "eval")
@@ -526,20 +531,29 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         mode = "train" if self.model.training else "eval"
         base, guided = split_views(inputs)
         unwrapped, causal_lm = self._unwrapped(model)
-        # the per-token forms also need the base view's final hidden states (with gradient), from the same forward
-        # the base view's final hidden states from the same forward: the per-token forms' student (with gradient),
-        # and in evaluation the instruction gap's
-        hidden = self.form.per_token or mode == "eval"
+        weight = self.args.aligned_loss_weight
+        scored = weight > 0 or mode == "eval"  # training with ALPHA=0 is plain DPO; evaluation measures every view
+        teacher = self.form.head_teacher(guided) if scored and self._head_pass is not None else None
+        # The base view's final hidden states from the same forward: the student (with gradient) of a per-token form
+        # that scores its own logits, and in evaluation the instruction gap's. A teacher handed to the head pass is
+        # scored there, with the labels (`head_pass`).
+        hidden = (self.form.per_token and teacher is None) or mode == "eval"
         backbone = capture_outputs(causal_lm.base_model, fused_only=False) if hidden else contextlib.nullcontext()
-        with capture_outputs(unwrapped) as captured, backbone as backbone_outputs, input_grad_hooks_kept(causal_lm):
+        head_pass = self._head_pass.serving(teacher) if teacher is not None else contextlib.nullcontext()
+        with (
+            capture_outputs(unwrapped) as captured,
+            backbone as backbone_outputs,
+            input_grad_hooks_kept(causal_lm),
+            head_pass as served,
+        ):
             result = super()._compute_loss(model, base, return_outputs)
         dpo_loss = result[0] if return_outputs else result
         metrics = self._metrics[mode]
         metrics["dpo_loss"].append(self._mean(dpo_loss))
         loss, aligned = dpo_loss, None
-        weight = self.args.aligned_loss_weight
-        if weight > 0 or mode == "eval":  # training with ALPHA=0 is plain DPO; evaluation measures every view
+        if scored:
             form_inputs = self._form_inputs(mode, model, base, guided, captured[0], backbone_outputs)
+            form_inputs.head_kl = None if served is None else served.kl
             aligned = self.form.loss(form_inputs)
             if weight > 0:
                 loss = dpo_loss + weight * aligned

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..head_pass import TopKTeacher
 from ..losses import LMHead
 
 
@@ -62,6 +63,7 @@ class FormInputs:
     lm_heads: Callable[[str], LMHead]  # "policy" / "reference" -> the LM head that scores its hidden states
     token_mean_divisor: Callable[[torch.Tensor], torch.Tensor | None]
     student_hidden: torch.Tensor | None = None
+    head_kl: torch.Tensor | None = None  # per response position: the KL to `head_teacher`, from TRL's head pass
     step: int = 0  # the optimizer step being taken (0-based)
     answers: Callable[[], ScoredAnswers] | None = None  # the policy's own answers to the pairs' prompts, scored
     _guided: dict = field(default_factory=dict)
@@ -104,6 +106,11 @@ class AlignedForm:
     def prepare(self, trainer, dataset, split: str):
         """`dataset` with whatever the form reads from the reference precomputed (default: nothing)."""
         return dataset
+
+    def head_teacher(self, batch: dict) -> TopKTeacher | None:
+        """A precomputed teacher to score in the base view's own LM-head pass (`head_pass`), its KL handed back
+        as `FormInputs.head_kl`; None (the default) for a form that scores its own logits."""
+        return None
 
     def target(self, inputs: FormInputs) -> torch.Tensor:
         """The instructed margin the pairs aim at: `aligned_active_frac` counts the pairs below it."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..head_pass import TopKTeacher
 from ..losses import chunked_divergence, chunked_rows, reduce_token_kl, topk_token_kl
 from .base import AlignedForm, FormInputs
 
@@ -47,12 +48,19 @@ class RefDistill(Distill):
             raise ValueError("ALIGN_LOSS=ref_distill without LoRA needs a reference model or --distill_top_k.")
         return dataset
 
+    def head_teacher(self, batch: dict) -> TopKTeacher | None:
+        if "teacher_ids" not in batch:
+            return None
+        return TopKTeacher(batch["teacher_ids"], batch["teacher_logps"], batch["teacher_log_rest"])
+
     def per_token_kl(self, inputs: FormInputs) -> torch.Tensor:
         batch = inputs.batch
         if "teacher_ids" not in batch:
             return super().per_token_kl(inputs)
         if not torch.equal(batch["teacher_lengths"].to(inputs.response_lengths.device), inputs.response_lengths):
             raise RuntimeError("The precomputed teacher's response positions differ from the batch's.")
+        if inputs.head_kl is not None:  # scored with the labels in the base view's one head pass
+            return inputs.head_kl
         student_head = inputs.lm_heads("policy")
         return chunked_rows(
             lambda s, i, lp, r: topk_token_kl(student_head.logits(s), i, lp, r),
