@@ -247,6 +247,30 @@ def test_two_ranks_with_accumulation_give_the_token_mean_of_one_batch(tmp_path, 
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)
 
 
+def test_on_policy_distillation_on_two_ranks_generates_on_each_and_reruns_identically(
+    tmp_path, tiny_model_dir, small_data
+):
+    """ALIGN_LOSS=onpolicy_distill on 2 DeepSpeed ranks (ZeRO-2), every other step on-policy: each rank samples
+    answers to its own prompts (no rank waits on another's generation), the logged share of on-policy steps is
+    the schedule's, and a rerun with the same seed draws the same answers: the same losses, the same adapter."""
+    from safetensors.torch import load_file
+
+    settings = {"ALIGN_LOSS": "onpolicy_distill", "ALPHA": "1", "DISTILL_ON_POLICY_FRAC": "0.5",
+                "PER_DEVICE_BATCH_SIZE": "4", "CPU_RANKS": "2", "NUM_SAMPLE_PROMPTS": "0"}  # fmt: skip
+    first, _ = launch(tmp_path, tiny_model_dir, small_data, "first", MASTER_PORT="29564", **settings)
+    again, _ = launch(tmp_path, tiny_model_dir, small_data, "again", MASTER_PORT="29565", **settings)
+    history = json.loads((first / "trainer_state.json").read_text())["log_history"]
+    steps = [h for h in history if "loss" in h]
+    assert [h["onpolicy_frac"] for h in steps] == [0.0, 1.0, 0.0, 1.0]
+    generated = [h["onpolicy_generated_length"] for h in steps if h["onpolicy_frac"] == 1.0]
+    assert len(generated) == 2 and all(0 < n <= 64 for n in generated)
+    on_policy = [h["onpolicy_distill_loss"] for h in steps if h["onpolicy_frac"] == 1.0]
+    assert all(loss > 0 for loss in on_policy)  # the divergence on the sampled answers is a real signal
+    assert train_losses(again) == train_losses(first)
+    a, b = load_file(str(first / "adapter_model.safetensors")), load_file(str(again / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 # --- stopping on a signal: every rank together --------------------------------------------------------------
 
 AGREE = """

@@ -91,6 +91,8 @@ ARMS = (
           distill_reduction=SUM, lr_scale=s) for s in (2.0, 4.0)),
     # the exact teacher (a reference forward every step) beside its top-K twin: what the truncation changes
     Arm("ref_distill exact sum a=1 lr x2", align_loss="ref_distill", alpha=1.0, distill_reduction=SUM, lr_scale=2.0),
+    # on the policy's own sampled answers, the reverse KL to the instructed reference (ALIGN_LOSS=onpolicy_distill)
+    Arm("onpolicy_distill rkl a=1 lr x2", align_loss="onpolicy_distill", alpha=1.0, lr_scale=2.0),
     # a soft prompt learned by STAGE=ptune in place of the text instruction, with the candidate form
     Arm(f"{CANDIDATE} learned prompt", align_loss="ref_distill", alpha=1.0, distill_top_k=TOP_K,
         distill_reduction=SUM, lr_scale=2.0, learned_prompt=True),
