@@ -109,7 +109,7 @@ def test_a_teacher_of_the_wrong_length_is_refused():
 def test_in_the_trainer_one_head_pass_gives_the_two_pass_loss_gradient_and_metrics(
     tiny_model_dir,
     tokenizer,
-    pairs,
+    pairs,  # noqa: F811 (the fixture)
     tmp_path,
     monkeypatch,
     embedding,  # noqa: F811
