@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Preference-guided DPO launcher. Edit the block below, or override any variable from the environment:
-#   BETA=0.1 ALPHA=0.2 ./fast_train.sh
+#   BETA=0.1 LEARNING_RATE=1e-3 ./fast_train.sh
 # Extra arguments go straight to train_with_preference_prompt.py:  ./fast_train.sh --save_steps 100
 # With no edits it builds the embedded tiny model (once) and trains it on the embedded data, on CPU or GPU.
 set -euo pipefail
@@ -17,8 +17,6 @@ case "$DEMO" in
     : "${POLICY_MODEL_PATH:=smollm2}" "${PREFERENCE_TEXT:=Answer in French.}" "${RUN_NAME:=SmolLM2_demo}"
     : "${TRAIN_DATASET_PATH:=$SCRIPT_DIR/data/smollm2_pairs/train.jsonl}"
     : "${TEST_DATASET_PATH=$SCRIPT_DIR/data/smollm2_pairs/test.jsonl}"
-    # The form that stayed fluent on this model at LEARNING_RATE 5e-4 (hinge and plain DPO emptied its answers).
-    : "${ALIGN_LOSS:=ref_distill}" "${DISTILL_TOP_K:=16}" "${DISTILL_REDUCTION:=sequence_sum}" "${ALPHA:=1}"
     # 2 epochs (22 steps), the longest pair (~110 tokens) uncut, evaluation before and after only: ~7 min on 2 cores.
     : "${NUM_EPOCHS:=2}" "${MAX_LENGTH:=128}" "${MAX_PROMPT_LENGTH:=64}" "${EVAL_STEPS:=100}" "${LOGGING_STEPS:=1}"
     ;;
@@ -49,15 +47,19 @@ PREFERENCE_TEXT="${PREFERENCE_TEXT:-Please provide a helpful, honest, harmless a
 #   e.g. PREFERENCE_TEXT="请提供一个有用、诚实、无害且简洁的回答。"
 PREFERENCE_POSITION="${PREFERENCE_POSITION:-system}"  # system | user (conversational prompts)
 PROMPT_EMBEDDING_PATH="${PROMPT_EMBEDDING_PATH:-}"    # embedding mode: /path/to/prompt_embeddings.pt
-ALIGN_LOSS="${ALIGN_LOSS:-hinge}"         # hinge | ref_hinge | distill | ref_distill | onpolicy_distill (README: "Which ALIGN_LOSS?")
-DISTILL_TOP_K="${DISTILL_TOP_K:-}"        # ref_distill: precompute the teacher's top K tokens (e.g. 16); empty: exact
-DISTILL_REDUCTION="${DISTILL_REDUCTION:-token_mean}"  # distill, ref_distill: token_mean | sequence_sum
+# ALIGN_LOSS: ref_distill (default: distils the frozen model WITH the instruction into the policy WITHOUT it; the
+# form that transferred the instruction in every benchmark) | hinge (the user guide's original form; in the
+# benchmarks it did what plain DPO does) | ref_hinge | distill | onpolicy_distill. README: "Which ALIGN_LOSS?"
+ALIGN_LOSS="${ALIGN_LOSS:-ref_distill}"
+DISTILL_TOP_K="${DISTILL_TOP_K:-}"        # ref_distill: the teacher's top K tokens, precomputed; empty: 16; 0: exact KL
+DISTILL_REDUCTION="${DISTILL_REDUCTION:-}"  # distill, ref_distill: token_mean | sequence_sum; empty: the form's own
 DISTILL_ON_POLICY_FRAC="${DISTILL_ON_POLICY_FRAC:-1}"  # onpolicy_distill: share of steps on the policy's own answers
 
 # Core training parameters
 BETA="${BETA:-0.05}"                      # DPO temperature (0.01-0.5; smaller = more conservative)
-ALPHA="${ALPHA:-0.1}"                     # aligned-loss weight (hinge: 0.05-0.2; ref_distill with sequence_sum: 1; 0 = plain DPO)
-LEARNING_RATE="${LEARNING_RATE:-5e-4}"    # 1e-5 to 1e-3
+ALPHA="${ALPHA:-}"                        # aligned-loss weight; empty: the form's own (ref_distill, distill,
+#   onpolicy_distill: 1; hinge, ref_hinge: 0.1, the user guide's 0.05-0.2 is for these); 0 = plain DPO
+LEARNING_RATE="${LEARNING_RATE:-5e-4}"    # 1e-5 to 1e-3. ref_distill holds 2-4x what plain DPO tolerates
 NUM_EPOCHS="${NUM_EPOCHS:-1}"             # 1-3 is usually enough
 MAX_STEPS="${MAX_STEPS:--1}"              # > 0 overrides NUM_EPOCHS
 PER_DEVICE_BATCH_SIZE="${PER_DEVICE_BATCH_SIZE:-8}"
@@ -189,10 +191,8 @@ train_args=(
   --preference_text "$PREFERENCE_TEXT"
   --preference_position "$PREFERENCE_POSITION"
   --align_loss "$ALIGN_LOSS"
-  --distill_reduction "$DISTILL_REDUCTION"
   --distill_on_policy_frac "$DISTILL_ON_POLICY_FRAC"
   --beta "$BETA"
-  --aligned_loss_weight "$ALPHA"
   --learning_rate "$LEARNING_RATE"
   --num_train_epochs "$NUM_EPOCHS"
   --max_steps "$MAX_STEPS"
@@ -224,7 +224,10 @@ train_args=(
 )
 [[ -n "$REFERENCE_MODEL_PATH" ]] && train_args+=(--reference_model_path "$REFERENCE_MODEL_PATH")
 [[ -n "$PROMPT_EMBEDDING_PATH" ]] && train_args+=(--prompt_embedding_path "$PROMPT_EMBEDDING_PATH")
+# Empty: the form's own (the trainer fills them in per ALIGN_LOSS and logs what it used)
 [[ -n "$DISTILL_TOP_K" ]] && train_args+=(--distill_top_k "$DISTILL_TOP_K")
+[[ -n "$DISTILL_REDUCTION" ]] && train_args+=(--distill_reduction "$DISTILL_REDUCTION")
+[[ -n "$ALPHA" ]] && train_args+=(--aligned_loss_weight "$ALPHA")
 train_args+=(  # the soft prompt's settings: read by the ptune stage, recorded by both
   --num_virtual_tokens "$NUM_VIRTUAL_TOKENS"
   --ptune_objective "$PTUNE_OBJECTIVE"

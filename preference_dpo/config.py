@@ -17,7 +17,7 @@ from pathlib import Path
 from trl import DPOConfig, ModelConfig
 
 from .errors import UserInputError
-from .forms import FORMS
+from .forms import DEFAULT_FORM, FORM_DEFAULTS, FORMS
 from .presets import PRESETS, is_preset, resolve
 from .variables import describe
 
@@ -125,14 +125,18 @@ class PreferenceDPOConfig(DPOConfig):
         default=None,
         metadata={"help": "Soft-prompt tensor [k, hidden] or [hidden] (embedding mode): .pt/.bin or .safetensors."},
     )
-    aligned_loss_weight: float = field(
-        default=0.1,
-        metadata={"help": "ALPHA: weight of the aligned loss; 0 is plain DPO (the guided view is then skipped)."},
+    aligned_loss_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "ALPHA: weight of the aligned loss; 0 is plain DPO (the guided view is then skipped). Empty: the "
+            "form's own scale, 1 for ref_distill, distill and onpolicy_distill, 0.1 for hinge and ref_hinge."
+        },
     )
     align_loss: str = field(
-        default="hinge",
+        default=DEFAULT_FORM,
         metadata={
-            "help": "Form of the aligned loss; `hinge` is relu(stopgrad(h_pref) - h_base).",
+            "help": "Form of the aligned loss. `ref_distill`: the KL from the frozen reference with the instruction "
+            "to the policy without it; `hinge` (the original method): relu(stopgrad(h_pref) - h_base).",
             "choices": list(ALIGN_LOSSES),
         },
     )
@@ -141,14 +145,16 @@ class PreferenceDPOConfig(DPOConfig):
         metadata={
             "help": "ALIGN_LOSS=ref_distill: keep the reference teacher's K most likely next tokens at every response "
             "position, plus one bucket for the rest of the mass, computed once before training (no teacher forward "
-            "in the training steps). Empty: the exact KL over the vocabulary, with a reference forward every step."
+            "in the training steps). Empty: 16. 0: the exact KL over the vocabulary, with a reference forward every "
+            "step."
         },
     )
-    distill_reduction: str = field(
-        default="token_mean",
+    distill_reduction: str | None = field(
+        default=None,
         metadata={
             "help": "ALIGN_LOSS=distill or ref_distill: `token_mean` averages the KL over every response position of "
-            "the optimizer step (all accumulation steps and ranks); `sequence_sum` sums it over each response, then averages over responses (DPO's scale).",
+            "the optimizer step (all accumulation steps and ranks); `sequence_sum` sums it over each response, then "
+            "averages over responses (DPO's scale). Empty: sequence_sum for ref_distill, token_mean otherwise.",
             "choices": list(DISTILL_REDUCTIONS),
         },
     )
@@ -317,6 +323,7 @@ class PreferenceDPOConfig(DPOConfig):
     def __post_init__(self):
         import torch
 
+        self._apply_form_defaults()
         if self.output_dir is None:
             self.output_dir = os.path.join("model_output", self.run_name or DEFAULT_RUN_NAME)
         if self.ptune_output_dir is None:
@@ -335,6 +342,19 @@ class PreferenceDPOConfig(DPOConfig):
             # for every DataLoader (transformers turns it off for use_cpu only).
             self.dataloader_pin_memory = False
         super().__post_init__()
+
+    def _apply_form_defaults(self) -> None:
+        """Fill the settings left empty with the form's own (`forms.FORM_DEFAULTS`). A value that was set stays,
+        so `validate` can still refuse one that does not apply to the form (DISTILL_TOP_K with hinge)."""
+        defaults = FORM_DEFAULTS.get(self.align_loss)
+        if defaults is None:  # an unknown form, reported by `validate`
+            defaults = {"alpha": 0.0, "top_k": None, "reduction": "token_mean"}
+        if self.aligned_loss_weight is None:
+            self.aligned_loss_weight = defaults["alpha"]
+        if self.distill_top_k is None:
+            self.distill_top_k = defaults["top_k"]
+        if self.distill_reduction is None:
+            self.distill_reduction = defaults["reduction"]
 
 
 def _resolve_precision(precision: str) -> tuple[bool, bool]:
@@ -500,7 +520,8 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
     ):
         if not low <= value <= high:
             logger.warning("%s = %g is outside the usual range %g-%g.", describe(flag), value, low, high)
-    if train.aligned_loss_weight > 0.5:
+    # Each form's ALPHA has its own scale (forms.FORM_DEFAULTS): warn from 5 times the form's own.
+    if train.aligned_loss_weight > 5 * FORM_DEFAULTS.get(train.align_loss, {"alpha": 0.1})["alpha"]:
         logger.warning(
             "%s = %g is large: %s",
             describe("aligned_loss_weight"),
@@ -515,10 +536,13 @@ def _distill_problems(model: ModelArguments, train: PreferenceDPOConfig, zero_st
     form = f"{describe('align_loss')}=ref_distill"
     if train.align_loss == "ref_distill":
         if zero_stage == 3:
-            problems.append(f"{form} is not supported with ZeRO-3 (ZERO_STAGE=3) yet.")
+            problems.append(
+                f"{form} (the default) is not supported with ZeRO-3 (ZERO_STAGE=3) yet: use ZERO_STAGE=2, or "
+                f"{describe('align_loss')}=ref_hinge or hinge with ZeRO-3."
+            )
         if train.guided_forward != "shared_prompt":
             problems.append(f"{form} needs --guided_forward shared_prompt.")
-        if train.distill_top_k is None and not model.use_peft and not model.reference_model_path:
+        if not train.distill_top_k and not model.use_peft and not model.reference_model_path:
             problems.append(
                 f"{form} without LoRA has no frozen reference to run in every step: set "
                 f"{describe('reference_model_path')} or --distill_top_k (the teacher precomputed before training)."
@@ -529,8 +553,11 @@ def _distill_problems(model: ModelArguments, train: PreferenceDPOConfig, zero_st
                 f"--distill_top_k needs a fixed teacher, {form}; with {describe('align_loss')}={train.align_loss} "
                 "leave it empty."
             )
-        if train.distill_top_k < 1:
-            problems.append(f"--distill_top_k must be >= 1; got {train.distill_top_k}. Typical: 16 to 64.")
+        if train.distill_top_k < 0:
+            problems.append(
+                f"{describe('distill_top_k')} must be >= 1, or 0 for the exact KL; got {train.distill_top_k}. "
+                "Typical: 16 to 64."
+            )
     if train.distill_reduction != "token_mean" and train.align_loss not in ("distill", "ref_distill"):
         problems.append(
             f"--distill_reduction applies to {describe('align_loss')}=distill or ref_distill; with "

@@ -131,6 +131,9 @@ def summary(data_args, model_args, train_args, n_train: int, n_test: int, num_so
     alpha = train_args.aligned_loss_weight
     objective = f"DPO ({', '.join(train_args.loss_type)}, BETA {train_args.beta:g})"
     objective += f" + ALPHA {alpha:g} x {train_args.align_loss}" if alpha > 0 else " only (ALPHA 0: plain DPO)"
+    if alpha > 0 and train_args.align_loss in ("distill", "ref_distill"):
+        teacher = f"top-{train_args.distill_top_k} teacher, " if train_args.distill_top_k else ""
+        objective += f" ({teacher}{train_args.distill_reduction})"
     lora = "off: every weight trains"
     if model_args.use_peft:
         targets = model_args.lora_target_modules or []

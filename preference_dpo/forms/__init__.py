@@ -26,6 +26,20 @@ FORMS = {
     "onpolicy_distill": "onpolicy:OnPolicyDistill",
 }
 
+DEFAULT_FORM = "ref_distill"  # the form that transferred in every benchmark (README, "Which ALIGN_LOSS?")
+
+# ALIGN_LOSS -> the settings it gets when ALPHA, DISTILL_TOP_K or DISTILL_REDUCTION are left empty. ALPHA's scale
+# differs by form: the margin forms add ALPHA to DPO's per-pair weight (the user guide's 0.05-0.2); a KL summed per
+# response (`sequence_sum`, and the on-policy divergence) is on the scale of DPO's summed log-probs, where 1 is its
+# usual weight; `distill`'s per-token mean is measured at 1 (docs/method.md, "Forms of the aligned loss").
+FORM_DEFAULTS = {
+    "hinge": {"alpha": 0.1, "top_k": None, "reduction": "token_mean"},
+    "ref_hinge": {"alpha": 0.1, "top_k": None, "reduction": "token_mean"},
+    "distill": {"alpha": 1.0, "top_k": None, "reduction": "token_mean"},
+    "ref_distill": {"alpha": 1.0, "top_k": 16, "reduction": "sequence_sum"},
+    "onpolicy_distill": {"alpha": 1.0, "top_k": None, "reduction": "token_mean"},
+}
+
 
 def form_class(name: str) -> type[AlignedForm]:
     """The class of the form ALIGN_LOSS=`name`; `ValueError` naming the choices for another name."""
