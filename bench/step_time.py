@@ -177,8 +177,9 @@ def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding, top_k: 
                       "K": "onpolicy_distill"}.get(kind, "hinge")  # fmt: skip
         on_policy = {"on_policy_max_new_tokens": ON_POLICY_TOKENS} if kind == "K" else {}
         args = PreferenceDPOConfig(max_length=max_length, aligned_loss_weight=alpha, guided_forward=guided_forward,
-                                   align_loss=align_loss, distill_top_k=top_k if kind == "I" else None,
-                                   **on_policy, **args_kwargs)  # fmt: skip
+                                   align_loss=align_loss, distill_top_k={"I": top_k, "H": 0}.get(kind),
+                                   distill_reduction="token_mean", **on_policy, **args_kwargs)  # fmt: skip
+        # (H: 0 is the exact KL; the reduction is fixed so that the figures stay comparable with earlier runs)
         k = soft_embedding.shape[0] if embedding else 0
         collator = PreferenceViewsCollator(pad_token_id=pad, max_length=max_length, num_soft_tokens=k,
                                            guided_forward=guided_forward)  # fmt: skip

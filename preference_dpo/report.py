@@ -88,6 +88,57 @@ class OneProgressBar(ProgressCallback):
         self._evaluated = 0
         return super().on_evaluate(args, state, control, **kwargs)
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """One short line per logging step on the console (`log_line`); TRL's whole dictionary goes to the log file
+        (and, through the metrics callback, to TensorBoard)."""
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        details.info("step %d: %s", state.global_step, {k: v for k, v in logs.items() if k != "total_flos"})
+        line = log_line(logs, state.global_step, state.max_steps)
+        if line:
+            self.training_bar.write(line)
+
+
+# Console name -> key in the trainer's logs (the same in evaluation, prefixed `eval_`), in the order shown
+_LINE_KEYS = {
+    "train": (
+        ("loss", "loss"),
+        ("dpo", "dpo_loss"),
+        ("aligned", "aligned_loss"),
+        ("acc", "rewards/accuracies"),
+        ("logp(chosen)", "logps/chosen"),
+        ("lr", "learning_rate"),
+    ),
+    "eval": (
+        ("loss", "eval_loss"),
+        ("acc without/with", ("eval_accuracy_base", "eval_accuracy_guided")),
+        ("margin without/with", ("eval_margin_base", "eval_margin_guided")),
+        ("logp(chosen)", "eval_logps/chosen"),
+        ("instruction gap", "eval_instruction_gap"),
+    ),
+}
+
+
+def log_line(logs: dict, step: int, max_steps: int) -> str | None:
+    """The few numbers that matter in one logging step, one line: `step 10/64  loss 2.81  dpo 0.690 ...`, or
+    `eval at step 50/64  ...`; None for the end-of-training totals (the pipeline's summary says those)."""
+    if "eval_loss" in logs:
+        kind, head = "eval", f"eval at step {step}/{max_steps}"
+    elif "loss" in logs:
+        kind, head = "train", f"step {step}/{max_steps}"
+    else:
+        return None
+    parts = [head]
+    for name, keys in _LINE_KEYS[kind]:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        if all(key in logs for key in keys):
+            parts.append(f"{name} " + "/".join(_short(logs[key]) for key in keys))
+    return "  ".join(parts)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
 
 def use_one_progress_bar(trainer) -> None:
     """Put `OneProgressBar` where the trainer has transformers' `ProgressCallback` (same place: callbacks run in

@@ -185,3 +185,35 @@ def test_merge_adapter_is_refused_under_zero3(model_dir):
         validate(data, model, train)
     train.deepspeed = str(REPO / "ds_config.json")
     validate(data, model, train)  # ZeRO-2 keeps whole weights on every rank: merging is fine
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], ("ref_distill", 1.0, 16, "sequence_sum")),
+        (["--align_loss", "hinge"], ("hinge", 0.1, None, "token_mean")),
+        (["--align_loss", "ref_hinge"], ("ref_hinge", 0.1, None, "token_mean")),
+        (["--align_loss", "distill"], ("distill", 1.0, None, "token_mean")),
+        (["--align_loss", "onpolicy_distill"], ("onpolicy_distill", 1.0, None, "token_mean")),
+        (["--distill_top_k", "0"], ("ref_distill", 1.0, 0, "sequence_sum")),  # 0: the exact KL
+        (["--aligned_loss_weight", "0.3", "--distill_reduction", "token_mean"], ("ref_distill", 0.3, 16, "token_mean")),
+        (["--align_loss", "hinge", "--aligned_loss_weight", "0"], ("hinge", 0.0, None, "token_mean")),
+    ],
+)
+def test_settings_left_empty_take_the_forms_own(tiny_model_dir, tmp_path, monkeypatch, flags, expected):
+    """ALPHA, DISTILL_TOP_K and DISTILL_REDUCTION left empty are the form's own (forms.FORM_DEFAULTS); a value
+    that is set stays."""
+    monkeypatch.chdir(tmp_path)
+    _, _, train = parse_args(["--model_name_or_path", str(tiny_model_dir), *flags])
+    got = (train.align_loss, train.aligned_loss_weight, train.distill_top_k, train.distill_reduction)
+    assert got == expected
+
+
+def test_the_launcher_leaves_the_forms_settings_to_the_form(tiny_model_dir):
+    """ALIGN_LOSS=hinge alone is the user guide's form at its own ALPHA: the launcher passes no ALPHA, top-K or
+    reduction unless they are set."""
+    argv = launcher_command({"DEVICE": "cpu", "ALIGN_LOSS": "hinge"})
+    assert not {"--aligned_loss_weight", "--distill_top_k", "--distill_reduction"} & set(argv)
+    argv = launcher_command({"DEVICE": "cpu", "ALPHA": "0.2", "DISTILL_TOP_K": "0"})
+    assert argv[argv.index("--aligned_loss_weight") + 1] == "0.2"
+    assert argv[argv.index("--distill_top_k") + 1] == "0"

@@ -193,14 +193,18 @@ def test_teacher_store_holds_the_reference_top_k_and_resumes_after_a_kill(
     ("flags", "message"),
     [
         (["--align_loss", "distill", "--distill_top_k", "16"], "--distill_top_k needs a fixed teacher"),
-        (["--align_loss", "ref_distill", "--distill_top_k", "0"], "--distill_top_k must be >= 1; got 0"),
+        (
+            ["--align_loss", "ref_distill", "--distill_top_k", "-1"],
+            r"DISTILL_TOP_K \(--distill_top_k\) must be >= 1, or 0 for the exact KL; got -1",
+        ),
+        (["--align_loss", "hinge", "--distill_top_k", "0"], "--distill_top_k needs a fixed teacher"),
         (["--align_loss", "hinge", "--distill_reduction", "sequence_sum"], "--distill_reduction applies to"),
         (
             ["--align_loss", "ref_distill", "--distill_reduction", "sum"],
             r"DISTILL_REDUCTION \(--distill_reduction\): invalid choice: 'sum'",
         ),
         (["--align_loss", "ref_distill", "--guided_forward", "full"], "ref_distill needs --guided_forward"),
-        (["--align_loss", "ref_distill", "--use_peft", "false"], "without LoRA has no frozen reference"),
+        (["--align_loss", "ref_distill", "--use_peft", "false", "--distill_top_k", "0"], "without LoRA has no frozen"),
         (
             ["--align_loss", "onpolicy_distill", "--distill_on_policy_frac", "0"],
             r"DISTILL_ON_POLICY_FRAC \(--distill_on_policy_frac\) must be in \(0, 1\]; got 0",

@@ -147,7 +147,7 @@ def test_summary_is_short_and_says_where_to_look(model_dir):
     text = report.summary(data, model, train, n_train=100, n_test=20, num_soft_tokens=0)
     assert len(text.splitlines()) <= 15
     assert "7 steps" in text and "100 train pairs" in text and "20 held-out pairs" in text
-    assert "ALPHA 0.1 x hinge" in text and "BETA 0.05" in text
+    assert "ALPHA 1 x ref_distill (top-16 teacher, sequence_sum)" in text and "BETA 0.05" in text
     assert "tensorboard --logdir logs" in text and "#custom_scalars" in text
 
 
@@ -168,14 +168,25 @@ def test_optimizer_steps_count_as_transformers_does(model_dir):
 
 
 @pytest.mark.parametrize(
-    ("form", "said", "not_said"),
-    [("hinge", "never saturates", "KL"), ("distill", "KL term", "hinge"), ("ref_hinge", "reference's", "saturates")],
+    ("form", "alpha", "said", "not_said"),
+    [
+        ("hinge", "0.8", "never saturates", "KL"),
+        ("distill", "6", "KL term", "hinge"),  # each form's ALPHA on its own scale: warned from 5x its default
+        ("ref_hinge", "0.8", "reference's", "saturates"),
+    ],
 )
-def test_large_alpha_warning_describes_the_form_in_use(model_dir, caplog, form, said, not_said):
+def test_large_alpha_warning_describes_the_form_in_use(model_dir, caplog, form, alpha, said, not_said):
     with caplog.at_level(logging.WARNING):
-        parse_args([*model_dir, "--align_loss", form, "--aligned_loss_weight", "0.8"])
+        parse_args([*model_dir, "--align_loss", form, "--aligned_loss_weight", alpha])
     warning = next(r.getMessage() for r in caplog.records if "ALPHA" in r.getMessage())
     assert said in warning and not_said not in warning and "docs/method.md" in warning
+
+
+def test_the_default_alpha_of_each_form_is_not_warned_about(model_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        for form in ("ref_distill", "distill", "onpolicy_distill", "hinge", "ref_hinge"):
+            parse_args([*model_dir, "--align_loss", form])
+    assert not [r for r in caplog.records if "ALPHA" in r.getMessage()]
 
 
 def test_overwrite_warns_only_when_it_replaces_something(tmp_path, caplog):
@@ -226,3 +237,43 @@ def test_an_evaluation_during_training_counts_on_the_training_bar(capsys, ours):
     err = capsys.readouterr().err
     assert ("\x1b[A" in err) != ours
     assert ("eval 3/3" in err) == ours
+
+
+def test_each_logging_step_is_one_short_console_line_and_the_whole_dictionary_goes_to_the_log_file(
+    capsys, tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    train_logs = {"loss": 2.8104, "grad_norm": 4.29, "learning_rate": 0.00048251, "dpo_loss": 0.68976,
+                  "aligned_loss": 2.1201, "rewards/accuracies": 0.7875, "logps/chosen": -2.3222,
+                  "logits/chosen": -2.437, "mean_token_accuracy": 0.9365, "epoch": 0.15625}  # fmt: skip
+    eval_logs = {"eval_loss": 0.9018, "eval_accuracy_base": 0.789, "eval_accuracy_guided": 1.0,
+                 "eval_margin_base": 2.239, "eval_margin_guided": 12.18, "eval_logps/chosen": -2.764,
+                 "eval_instruction_gap": 0.117, "eval_runtime": 2.38}  # fmt: skip
+    assert report.log_line(train_logs, 10, 64) == (
+        "step 10/64  loss 2.81  dpo 0.69  aligned 2.12  acc 0.787  logp(chosen) -2.32  lr 0.000483"
+    )
+    assert report.log_line(eval_logs, 50, 64) == (
+        "eval at step 50/64  loss 0.902  acc without/with 0.789/1  margin without/with 2.24/12.2  "
+        "logp(chosen) -2.76  instruction gap 0.117"
+    )
+    assert report.log_line({"loss": 0.7}, 1, 2) == "step 1/2  loss 0.7"  # ALPHA 0: no aligned term to show
+    assert report.log_line({"train_runtime": 16.7, "train_loss": 1.53}, 64, 64) is None
+
+    monkeypatch.setattr(report.details, "handlers", [])
+    report.attach_log_file(str(tmp_path / "run.log"), is_main_process=True)
+    bar = report.OneProgressBar()
+    args, state, control = SimpleNamespace(), TrainerState(max_steps=64), TrainerControl()
+    bar.on_train_begin(args, state, control)
+    state.global_step = 10
+    bar.on_log(args, state, control, logs=train_logs)
+    bar.on_train_end(args, state, control)
+    for handler in report.details.handlers:
+        handler.flush()
+    console = capsys.readouterr()
+    assert "step 10/64  loss 2.81" in console.out + console.err
+    assert "mean_token_accuracy" not in console.out + console.err
+    logged = (tmp_path / "run.log").read_text()
+    assert "'mean_token_accuracy': 0.9365" in logged and "'logits/chosen': -2.437" in logged

@@ -68,6 +68,18 @@ def test_reference_cache_file_is_where_trl_keeps_it():
     assert "if os.path.exists(cache_file):" in source
 
 
+def _settings_written_against(overrides: dict) -> dict:
+    """The form settings these tests were written against, where a test leaves them out: `hinge`, exact
+    `ref_distill` and `token_mean`, not the launcher's defaults (`forms.FORM_DEFAULTS`), which have tests of their own."""
+    form = overrides.get("align_loss", "hinge")
+    return {
+        "align_loss": form,
+        "distill_top_k": 0 if form == "ref_distill" else None,
+        "distill_reduction": "token_mean",
+        **overrides,
+    }
+
+
 def make_trainer(
     tiny_model_dir,
     tokenizer,
@@ -99,7 +111,7 @@ def make_trainer(
         report_to="none",
         seed=0,
         dataloader_num_workers=0,
-        **overrides,
+        **_settings_written_against(overrides),
     )
     model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=lora_dropout, lora_r=lora_r)
     k = 0 if soft is None else soft.shape[0]

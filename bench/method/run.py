@@ -195,7 +195,7 @@ def train_arm(
         "preference_text": world.INSTRUCTION,
         "align_loss": arm.align_loss,
         "aligned_loss_weight": arm.alpha,
-        **({"distill_top_k": arm.distill_top_k} if arm.distill_top_k else {}),
+        **({"distill_top_k": arm.distill_top_k or 0} if arm.align_loss == "ref_distill" else {}),  # 0: exact
         **({"distill_reduction": arm.distill_reduction} if arm.align_loss in ("distill", "ref_distill") else {}),
         **({"training_mode": "embedding", "prompt_embedding_path": prompt} if arm.learned_prompt else {}),
         "learning_rate": BASE_LR * arm.lr_scale,
