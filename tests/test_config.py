@@ -145,7 +145,13 @@ def test_launcher_defaults_equal_python_defaults(tiny_model_dir):
     # every launcher variable in the table is passed by the launcher
     passed = {flag.removeprefix("--") for flag in flags if flag.startswith("--")}
     # passed when set; empty: the form's own
-    optional = {"reference_model_path", "prompt_embedding_path", "distill_top_k", "distill_reduction", "aligned_loss_weight"}
+    optional = {
+        "reference_model_path",
+        "prompt_embedding_path",
+        "distill_top_k",
+        "distill_reduction",
+        "aligned_loss_weight",
+    }
     assert set(LAUNCHER_VARIABLES.values()) - optional <= passed
 
 
