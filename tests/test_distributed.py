@@ -167,6 +167,7 @@ def launch(tmp_path, model_dir, data, name, extra=(), **env):
         "TEST_DATASET_PATH": str(test), "MAX_STEPS": "4", "LOGGING_STEPS": "1", "EVAL_STEPS": "4",
         "SAVE_STEPS": "4", "OUTPUT_DIR": str(out), "LOG_DIR": str(logs), "LEARNING_RATE": "1e-2",
         "LORA_DROPOUT": "0",  # dropout draws differ with the split over ranks; the runs must compare exactly
+        "ALIGN_LOSS": "hinge",  # the one form the ZeRO-3 run takes too (the default, ref_distill, is refused there)
         "CACHE_DIR": str(tmp_path / "cache"), **env,  # shared by the runs: the later ones reuse it, on 2 ranks
     }  # fmt: skip
     result = subprocess.run(["bash", str(LAUNCHER), "--train_sampling_strategy", "sequential", *extra],

@@ -439,7 +439,18 @@ def test_two_deepspeed_ranks_with_zero3_learn_the_same_prompt_as_one_process(tmp
     prompts = {}
     for name, extra in (
         ("single", {"PER_DEVICE_BATCH_SIZE": "8"}),
-        ("zero3", {"PER_DEVICE_BATCH_SIZE": "4", "CPU_RANKS": "2", "ZERO_STAGE": "3", "MASTER_PORT": "29581"}),
+        # ALIGN_LOSS=hinge: settings are checked for the DPO stage as well (STAGE=all runs it next), and ZeRO-3
+        # refuses the default ref_distill
+        (
+            "zero3",
+            {
+                "PER_DEVICE_BATCH_SIZE": "4",
+                "CPU_RANKS": "2",
+                "ZERO_STAGE": "3",
+                "MASTER_PORT": "29581",
+                "ALIGN_LOSS": "hinge",
+            },
+        ),
     ):
         out = tmp_path / name
         variables = {"DEVICE": "cpu", "POLICY_MODEL_PATH": str(tiny_model_dir), "TRAIN_DATASET_PATH": str(train),
