@@ -71,11 +71,9 @@ def test_demo_smollm2_sets_defaults_and_the_environment_still_wins():
     assert flags["--model_name_or_path"] == "smollm2"
     assert flags["--train_dataset_path"] == str(PAIRS / "train.jsonl")
     assert flags["--preference_text"] == "Answer in French."
-    assert (flags["--align_loss"], flags["--distill_top_k"], flags["--aligned_loss_weight"]) == (
-        "ref_distill",
-        "16",
-        "1",
-    )
+    # the default form with its own top-16, sequence_sum and ALPHA 1 (tests/test_config.py): none of them passed
+    assert flags["--align_loss"] == "ref_distill"
+    assert not {"--distill_top_k", "--distill_reduction", "--aligned_loss_weight"} & set(flags)
     assert flags["--learning_rate"] == "1e-4"  # set in the environment: kept
     overridden = shlex.split(_dry_run(DEMO="smollm2", ALPHA="0.5", POLICY_MODEL_PATH="/m").stdout)
     assert "0.5" in overridden and "/m" in overridden
