@@ -43,6 +43,7 @@ def run_launcher(tmp_path, model_dir, data, expect_returncode=0, **env):
         "LOG_DIR": str(logs),
         "CACHE_DIR": str(tmp_path / "cache"),  # not the repository's own cache
         "ALPHA": "0.1",
+        "ALIGN_LOSS": "hinge",  # the form these runs were written against
         **env,
     }
     result = subprocess.run(

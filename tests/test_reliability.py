@@ -297,7 +297,7 @@ def test_sigterm_saves_a_checkpoint_and_rerun_finishes(common, tmp_path):
 
 
 def nan_from_call(monkeypatch, n):
-    """Make the aligned loss (the default form's, `hinge`) NaN from its n-th training call on."""
+    """Make `hinge`'s aligned loss NaN from its n-th training call on (the run must say `--align_loss hinge`)."""
     import preference_dpo.forms.margin as margin
 
     calls = {"n": 0}
@@ -313,7 +313,7 @@ def nan_from_call(monkeypatch, n):
 
 def test_nan_loss_stops_naming_step_and_components(common, capsys, monkeypatch, tmp_path):
     nan_from_call(monkeypatch, 3)
-    code, errors = run_main([*common, "--max_steps", "5", "--save_steps", "1"], capsys)
+    code, errors = run_main([*common, "--align_loss", "hinge", "--max_steps", "5", "--save_steps", "1"], capsys)
     assert code == 3
     assert len(errors) == 1
     assert "Step 3: the training loss is nan (dpo_loss=" in errors[0]
@@ -325,7 +325,9 @@ def test_nan_loss_stops_naming_step_and_components(common, capsys, monkeypatch, 
 
 def test_nan_batches_can_be_skipped_and_are_counted(common, capsys, monkeypatch, tmp_path):
     nan_from_call(monkeypatch, 4)
-    code, _ = run_main([*common, "--max_steps", "5", "--skip_nonfinite_batches", "true"], capsys)
+    code, _ = run_main(
+        [*common, "--align_loss", "hinge", "--max_steps", "5", "--skip_nonfinite_batches", "true"], capsys
+    )
     assert code == 0
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     counts = [h["nonfinite_batches_skipped"] for h in history if "nonfinite_batches_skipped" in h]

@@ -344,7 +344,17 @@ def test_skipped_batches_log_their_count_not_a_windowed_mean(common, capsys, mon
     from .test_reliability import nan_from_call
 
     nan_from_call(monkeypatch, 1)  # every training batch is NaN
-    argv = [*common, "--max_steps", "4", "--logging_steps", "3", "--skip_nonfinite_batches", "true"]
+    argv = [
+        *common,
+        "--align_loss",
+        "hinge",
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "3",
+        "--skip_nonfinite_batches",
+        "true",
+    ]
     code, errors = run_main(argv, capsys)
     assert code == 0, errors
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
