@@ -224,7 +224,7 @@ train_args=(
 )
 [[ -n "$REFERENCE_MODEL_PATH" ]] && train_args+=(--reference_model_path "$REFERENCE_MODEL_PATH")
 [[ -n "$PROMPT_EMBEDDING_PATH" ]] && train_args+=(--prompt_embedding_path "$PROMPT_EMBEDDING_PATH")
-# Empty: the form's own (the trainer fills them in per ALIGN_LOSS and logs what it used)
+# Empty: the form's own (filled in per ALIGN_LOSS when the settings are parsed; the start-up summary shows them)
 [[ -n "$DISTILL_TOP_K" ]] && train_args+=(--distill_top_k "$DISTILL_TOP_K")
 [[ -n "$DISTILL_REDUCTION" ]] && train_args+=(--distill_reduction "$DISTILL_REDUCTION")
 [[ -n "$ALPHA" ]] && train_args+=(--aligned_loss_weight "$ALPHA")

@@ -520,8 +520,9 @@ def validate(data: DataArguments, model: ModelArguments, train: PreferenceDPOCon
     ):
         if not low <= value <= high:
             logger.warning("%s = %g is outside the usual range %g-%g.", describe(flag), value, low, high)
-    # Each form's ALPHA has its own scale (forms.FORM_DEFAULTS): warn from 5 times the form's own.
-    if train.aligned_loss_weight > 5 * FORM_DEFAULTS.get(train.align_loss, {"alpha": 0.1})["alpha"]:
+    # Each form's ALPHA has its own scale (forms.FORM_DEFAULTS): warn from 5 times the form's own. (The form is
+    # known here: an unknown one was refused above.)
+    if train.aligned_loss_weight > 5 * FORM_DEFAULTS[train.align_loss]["alpha"]:
         logger.warning(
             "%s = %g is large: %s",
             describe("aligned_loss_weight"),

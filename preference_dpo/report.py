@@ -99,7 +99,7 @@ class OneProgressBar(ProgressCallback):
             self.training_bar.write(line)
 
 
-# Console name -> key in the trainer's logs (the same in evaluation, prefixed `eval_`), in the order shown
+# Console name -> key(s) in the trainer's logs, for a training and an evaluation log, in the order shown
 _LINE_KEYS = {
     "train": (
         ("loss", "loss"),
