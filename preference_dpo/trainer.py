@@ -45,6 +45,7 @@ from .losses import (
     preference_stats,
     topk_teacher,
 )
+from .report import details
 from .soft_prompt import insert_soft_tokens
 from .teacher import TEACHER_COLUMNS
 
@@ -249,6 +250,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         # sharded outside its own forward and a recomputed chunk could not see it: there TRL's head scores the
         # labels and the form its own logits, a second pass.
         self._head_pass = None if zero3() else install_head_pass(self._unwrapped(self.model)[1], lm_head_of)
+        self._head_pass_logged = False
         self.train_dataset = self.form.prepare(self, self.train_dataset, "train")
         if self.eval_dataset is not None:
             self.eval_dataset = self.form.prepare(self, self.eval_dataset, "eval")
@@ -554,6 +556,8 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         if scored:
             form_inputs = self._form_inputs(mode, model, base, guided, captured[0], backbone_outputs)
             form_inputs.head_kl = None if served is None else served.kl
+            if served is not None and not self._head_pass_logged:
+                self._log_head_pass(served.kl is not None)
             aligned = self.form.loss(form_inputs)
             if weight > 0:
                 loss = dpo_loss + weight * aligned
@@ -561,6 +565,16 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         if mode == "train":
             loss = self._check_finite(loss, dpo_loss, aligned)
         return (loss, result[1]) if return_outputs else loss
+
+    def _log_head_pass(self, taken: bool) -> None:
+        """Say once, in the log file, where the precomputed teacher was scored: the path decides the step's memory."""
+        self._head_pass_logged = True
+        where = (
+            "in the policy's own LM-head pass, with DPO's log-probs"
+            if taken  # a forward with router logits or shift_labels goes through TRL's head, and the form's own pass
+            else "in a second LM-head pass (the policy's forward went through TRL's fused head)"
+        )
+        details.info("%s: the precomputed teacher is scored %s", self.args.align_loss, where)
 
     def _form_inputs(self, mode, model, base, guided, base_output, backbone_outputs) -> FormInputs:
         """What this batch offers the form: the base view from TRL's forward, the guided views on demand."""

@@ -230,16 +230,20 @@ def test_one_rank_and_two_ranks_give_the_same_losses(runs, name):
 def test_two_ranks_with_accumulation_give_the_token_mean_of_one_batch(tmp_path, sharp_model, four_pairs):  # noqa: F811
     """ref_distill top-16 token_mean, one plain SGD step (lr 1, no clipping: the adapter's change is minus the
     gradient) over the same 4 pairs: 1 rank x batch 4, and 2 DeepSpeed ranks x batch 1 x 2 accumulation steps, each
-    micro-batch one pair of its own length. The logged aligned loss and the adapter after the step agree."""
+    micro-batch one pair of its own length, the teacher scored in the one LM-head pass. The logged aligned loss and
+    the adapter after the step agree."""
     from safetensors.torch import load_file
 
     sgd = ["--optim", "sgd", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--max_grad_norm", "0"]
     settings = {"ALIGN_LOSS": "ref_distill", "DISTILL_TOP_K": "16", "ALPHA": "1", "LEARNING_RATE": "1",
                 "MAX_STEPS": "1", "NUM_SAMPLE_PROMPTS": "0"}  # fmt: skip
     data = (four_pairs, "")
-    one, _ = launch(tmp_path, sharp_model, data, "one", PER_DEVICE_BATCH_SIZE="4", **settings, extra=sgd)
-    two, _ = launch(tmp_path, sharp_model, data, "two", PER_DEVICE_BATCH_SIZE="1", GRADIENT_ACCUM_STEPS="2",
-                    CPU_RANKS="2", MASTER_PORT="29563", **settings, extra=sgd)  # fmt: skip
+    one, one_logs = launch(tmp_path, sharp_model, data, "one", PER_DEVICE_BATCH_SIZE="4", **settings, extra=sgd)
+    two, two_logs = launch(tmp_path, sharp_model, data, "two", PER_DEVICE_BATCH_SIZE="1", GRADIENT_ACCUM_STEPS="2",
+                           CPU_RANKS="2", MASTER_PORT="29563", **settings, extra=sgd)  # fmt: skip
+    for logs in (one_logs, two_logs):  # both runs scored the teacher in the one LM-head pass (head_pass.py)
+        (log,) = (logs / "runs").glob("train_*.log")
+        assert "the precomputed teacher is scored in the policy's own LM-head pass" in log.read_text(), logs
     (a,), (b,) = train_losses(one), train_losses(two)
     assert b == pytest.approx(a, rel=1e-5)
     whole, split = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))

@@ -13,7 +13,7 @@ import torch
 from preference_dpo.head_pass import COLUMNS, TopKTeacher, chunk_scores, head_pass
 from preference_dpo.losses import LMHead, topk_teacher, topk_token_kl
 
-from .test_ref_distill import ALPHA, pairs  # noqa: F401 (fixture)
+from .test_ref_distill import ALPHA, four_pairs, one_sgd_step, pairs, sharp_model  # noqa: F401 (fixtures)
 from .test_trl_contract import first_batch, make_trainer, perturb_adapter, training_loss
 
 VOCAB, WIDTH, ROWS = 300, 24, 37  # 37 rows in chunks of 8: the last chunk is short
@@ -151,3 +151,35 @@ def test_in_the_trainer_one_head_pass_gives_the_two_pass_loss_gradient_and_metri
         if key == "num_tokens":  # TRL's running count over both calls
             continue
         assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_sum"])
+def test_under_gradient_accumulation_the_head_pass_gives_the_two_pass_step(
+    sharp_model,
+    four_pairs,
+    tmp_path,
+    capsys,
+    monkeypatch,
+    reduction,  # noqa: F811
+):
+    """One SGD step of ref_distill top-16 over 4 pairs in 2 micro-batches of 2: scored in the one head pass (once
+    per micro-batch) and in TRL's head plus a second pass, the logged losses and the adapter after the step agree.
+    (test_ref_distill checks the head pass's step against one micro-batch of 4.)"""
+    import preference_dpo.head_pass as module
+    import preference_dpo.trainer as trainer_module
+
+    calls = []
+    original = module.head_pass
+    monkeypatch.setattr(module, "head_pass", lambda *a, **k: calls.append(1) or original(*a, **k))
+    one, one_log = one_sgd_step(sharp_model, four_pairs, tmp_path / "one", reduction, 2, 2, capsys)
+    assert len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(trainer_module, "install_head_pass", lambda *a: None)
+    two, two_log = one_sgd_step(sharp_model, four_pairs, tmp_path / "two", reduction, 2, 2, capsys)
+    assert calls == []
+    assert one_log["aligned_loss"] > 1e-3
+    for key in ("loss", "dpo_loss", "aligned_loss"):
+        assert one_log[key] == pytest.approx(two_log[key], rel=1e-5), key
+    assert any(value.abs().max() > 0 for name, value in one.items() if "lora_B" in name)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-6)
