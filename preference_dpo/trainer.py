@@ -35,7 +35,7 @@ from .collator import split_views
 from .errors import UserInputError
 from .faults import FaultTolerantTrainer
 from .forms import form_for
-from .forms.base import FormInputs, GuidedLogps
+from .forms.base import FormInputs, GuidedLogps, GuidedViews
 from .head_pass import install as install_head_pass
 from .losses import (
     LMHead,
@@ -535,11 +535,13 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         unwrapped, causal_lm = self._unwrapped(model)
         weight = self.args.aligned_loss_weight
         scored = weight > 0 or mode == "eval"  # training with ALPHA=0 is plain DPO; evaluation measures every view
-        teacher = self.form.head_teacher(guided) if scored and self._head_pass is not None else None
+        views = self._guided_views(model, guided)
+        # A teacher handed to the head pass is scored there, with the labels (`head_pass`); an exact one is the
+        # teacher's guided view, computed now, before the base view's forward.
+        teacher = self.form.head_teacher(guided, views) if scored and self._head_pass is not None else None
         # The base view's final hidden states from the same forward: the student (with gradient) of a per-token form
-        # that scores its own logits, and in evaluation the instruction gap's. A teacher handed to the head pass is
-        # scored there, with the labels (`head_pass`).
-        hidden = (self.form.per_token and teacher is None) or mode == "eval"
+        # where no head pass took its teacher, and in evaluation the instruction gap's (kept by autograd anyway).
+        hidden = self.form.per_token or mode == "eval"
         backbone = capture_outputs(causal_lm.base_model, fused_only=False) if hidden else contextlib.nullcontext()
         head_pass = self._head_pass.serving(teacher) if teacher is not None else contextlib.nullcontext()
         with (
@@ -554,7 +556,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         metrics["dpo_loss"].append(self._mean(dpo_loss))
         loss, aligned = dpo_loss, None
         if scored:
-            form_inputs = self._form_inputs(mode, model, base, guided, captured[0], backbone_outputs)
+            form_inputs = self._form_inputs(mode, base, guided, views, captured[0], backbone_outputs)
             form_inputs.head_kl = None if served is None else served.kl
             if served is not None and not self._head_pass_logged:
                 self._log_head_pass(served.kl is not None)
@@ -567,22 +569,18 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         return (loss, result[1]) if return_outputs else loss
 
     def _log_head_pass(self, taken: bool) -> None:
-        """Say once, in the log file, where the precomputed teacher was scored: the path decides the step's memory."""
+        """Say once, in the log file, where the teacher was scored: the path decides the step's time and memory."""
         self._head_pass_logged = True
         where = (
             "in the policy's own LM-head pass, with DPO's log-probs"
             if taken  # a forward with router logits or shift_labels goes through TRL's head, and the form's own pass
             else "in a second LM-head pass (the policy's forward went through TRL's fused head)"
         )
-        details.info("%s: the precomputed teacher is scored %s", self.args.align_loss, where)
+        details.info("%s: the teacher is scored %s", self.args.align_loss, where)
 
-    def _form_inputs(self, mode, model, base, guided, base_output, backbone_outputs) -> FormInputs:
-        """What this batch offers the form: the base view from TRL's forward, the guided views on demand."""
+    def _guided_views(self, model, guided: dict[str, torch.Tensor]) -> GuidedViews:
+        """The batch's guided views, each computed when first asked for, and the LM heads that score them."""
         _, causal_lm = self._unwrapped(model)
-        response = base["completion_mask"][:, 1:].bool()
-        student = None
-        if backbone_outputs:
-            student = backbone_outputs[0].last_hidden_state[:, :-1][response]
 
         def guided_pass(who: str, with_hidden: bool) -> GuidedLogps:
             if who == "policy":
@@ -597,6 +595,15 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             if who == "reference" and self.ref_model is not None:
                 return lm_head_of(self._unwrapped(self.ref_model)[1])
             return lm_head_of(causal_lm)
+
+        return GuidedViews(guided_pass, lm_heads)
+
+    def _form_inputs(self, mode, base, guided, views, base_output, backbone_outputs) -> FormInputs:
+        """What this batch offers the form: the base view from TRL's forward, the guided views on demand."""
+        response = base["completion_mask"][:, 1:].bool()
+        student = None
+        if backbone_outputs:
+            student = backbone_outputs[0].last_hidden_state[:, :-1][response]
 
         def answers():
             """The policy's own answers to the chosen rows' prompts, scored after both views."""
@@ -620,8 +627,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             base=GuidedLogps(*sequence_logps(base_output.log_probs, base["completion_mask"])),
             batch=guided,
             response_lengths=response.sum(1),
-            guided_pass=guided_pass,
-            lm_heads=lm_heads,
+            views=views,
             token_mean_divisor=self._token_mean_divisor,
             student_hidden=student,
         )

@@ -243,7 +243,7 @@ def test_two_ranks_with_accumulation_give_the_token_mean_of_one_batch(tmp_path, 
                            CPU_RANKS="2", MASTER_PORT="29563", **settings, extra=sgd)  # fmt: skip
     for logs in (one_logs, two_logs):  # both runs scored the teacher in the one LM-head pass (head_pass.py)
         (log,) = (logs / "runs").glob("train_*.log")
-        assert "the precomputed teacher is scored in the policy's own LM-head pass" in log.read_text(), logs
+        assert "the teacher is scored in the policy's own LM-head pass" in log.read_text(), logs
     (a,), (b,) = train_losses(one), train_losses(two)
     assert b == pytest.approx(a, rel=1e-5)
     whole, split = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))

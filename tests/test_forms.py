@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from preference_dpo.forms import FORMS, form_class
-from preference_dpo.forms.base import FormInputs, GuidedLogps
+from preference_dpo.forms.base import FormInputs, GuidedLogps, GuidedViews
 from preference_dpo.losses import LMHead
 
 PACKAGE = Path(__file__).resolve().parents[1] / "preference_dpo"
@@ -37,8 +37,7 @@ def inputs(base, views, student=None, lengths=None, batch=None, heads=None, mode
         base=base,
         batch=batch or {},
         response_lengths=lengths if lengths is not None else torch.zeros(0, dtype=torch.long),
-        guided_pass=guided_pass,
-        lm_heads=lambda who: heads[who],
+        views=GuidedViews(guided_pass, lambda who: heads[who]),
         token_mean_divisor=lambda lengths: None,
         student_hidden=student,
     )

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from preference_dpo.head_pass import COLUMNS, TopKTeacher, chunk_scores, head_pass
+from preference_dpo.head_pass import COLUMNS, HiddenTeacher, TopKTeacher, chunk_scores, head_pass
 from preference_dpo.losses import LMHead, topk_teacher, topk_token_kl
 
 from .test_ref_distill import ALPHA, four_pairs, one_sgd_step, pairs, sharp_model  # noqa: F401 (fixtures)
@@ -58,6 +58,35 @@ def test_value_and_gradient_equal_the_full_logit_computation(k, softcap, scale):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["plain", "capped"])
+def test_an_exact_teacher_gives_the_value_and_gradient_of_token_kl(softcap):
+    """A `HiddenTeacher` (distill, exact ref_distill): the teacher's own hidden states through its own head, the
+    KL over the whole vocabulary (`losses.token_kl`, written out here), no gradient to the teacher."""
+    hidden, head, labels, _ = problem(16, softcap)
+    gen = torch.Generator().manual_seed(4)
+    teacher_hidden = torch.randn(ROWS, WIDTH, generator=gen, dtype=torch.float64)
+    teacher_weight = torch.randn(VOCAB, WIDTH, generator=gen, dtype=torch.float64).requires_grad_()
+    teacher_head = LMHead(teacher_weight, final_logit_softcapping=softcap)
+    scores = head_pass(hidden, head, labels, HiddenTeacher(teacher_hidden, teacher_head), chunk=8)
+    logits = head.logits(hidden)
+    log_s, log_q = torch.log_softmax(logits, -1), torch.log_softmax(teacher_head.logits(teacher_hidden).detach(), -1)
+    kl = (log_q.exp() * (log_q - log_s)).sum(-1)
+    label = log_s.gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(scores["log_probs"], label, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scores["kl"], kl, rtol=1e-12, atol=1e-12)
+    assert kl.min() > 1e-2
+    weights = torch.randn(2, ROWS, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    leaves = [hidden, head.weight, head.bias]
+    ours = torch.autograd.grad((weights[0] * scores["log_probs"] + weights[1] * scores["kl"]).sum(), leaves)
+    theirs = torch.autograd.grad((weights[0] * label + weights[1] * kl).sum(), leaves)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    (to_teacher,) = torch.autograd.grad(scores["kl"].sum(), teacher_weight, allow_unused=True)
+    assert to_teacher is None  # the teacher is a target: nothing flows back into it
+    with pytest.raises(RuntimeError, match="The teacher has 36 response positions; the batch has 37"):
+        head_pass(hidden, head, labels, HiddenTeacher(teacher_hidden[1:], teacher_head))
+
+
 def test_a_peaked_student_whose_rest_mass_is_1e_13_gets_the_exact_gradient():
     """The K ids hold all but 1e-13 of the student's mass. With the identity as LM head the hidden states are the
     logits, so the gradient is the analytic one of docs/method.md: s_j - q_j on the K ids, s_j - q_R s_j / s_R
@@ -101,11 +130,15 @@ def test_trls_per_token_statistics_come_out_as_its_fused_head_gives_them():
 
 def test_a_teacher_of_the_wrong_length_is_refused():
     hidden, head, labels, teacher = problem(16)
-    with pytest.raises(RuntimeError, match="precomputed teacher has 36 response positions; the batch has 37"):
+    with pytest.raises(RuntimeError, match="The teacher has 36 response positions; the batch has 37"):
         head_pass(hidden, head, labels, TopKTeacher(teacher.ids[1:], teacher.logps[1:], teacher.log_rest[1:]))
 
 
-@pytest.mark.parametrize("embedding", [False, True], ids=["text", "embedding"])
+@pytest.mark.parametrize(
+    "embedding, align_loss, top_k",
+    [(False, "ref_distill", 16), (True, "ref_distill", 16), (False, "distill", None), (True, "ref_distill", 0)],
+    ids=["text", "embedding", "distill-exact", "ref_distill-exact-embedding"],
+)
 def test_in_the_trainer_one_head_pass_gives_the_two_pass_loss_gradient_and_metrics(
     tiny_model_dir,
     tokenizer,
@@ -113,14 +146,17 @@ def test_in_the_trainer_one_head_pass_gives_the_two_pass_loss_gradient_and_metri
     tmp_path,
     monkeypatch,
     embedding,  # noqa: F811
+    align_loss,
+    top_k,
 ):
-    """ref_distill top-16: TRL's fused head is not called for the policy's forward, and the loss, its gradient and
-    every logged metric equal those of TRL's head plus a second, separate pass for the KL."""
+    """ref_distill top-16, and the exact teachers (distill's policy, ref_distill's reference with DISTILL_TOP_K=0):
+    TRL's fused head is not called for the policy's base-view forward, and the loss, its gradient and every logged
+    metric equal those of TRL's head plus a second, separate pass for the KL."""
     from trl.kernels import chunked_logprob
 
     soft = torch.randn(3, 64, generator=torch.Generator().manual_seed(3)) * 0.05 if embedding else None
     trainer = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, soft=soft,
-                           align_loss="ref_distill", distill_top_k=16)  # fmt: skip
+                           align_loss=align_loss, distill_top_k=top_k)  # fmt: skip
     perturb_adapter(trainer)
     batch, _ = first_batch(trainer)
     calls = []
@@ -141,8 +177,9 @@ def test_in_the_trainer_one_head_pass_gives_the_two_pass_loss_gradient_and_metri
 
     loss, grads, metrics, trl_calls = step(True)
     two_loss, two_grads, two_metrics, two_trl_calls = step(False)
-    assert (trl_calls, two_trl_calls) == (0, 1)
-    assert metrics["ref_distill_loss"] > 1e-4
+    assert two_trl_calls - trl_calls == 1  # the head pass took the base view's forward from TRL's head
+    assert trl_calls == 0 or not top_k  # an exact teacher's own guided pass may go through TRL's head
+    assert metrics[f"{align_loss}_loss"] > 1e-4
     assert loss.item() == pytest.approx(two_loss.item(), rel=1e-6)
     for a, b in zip(grads, two_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
@@ -155,12 +192,12 @@ def test_in_the_trainer_one_head_pass_gives_the_two_pass_loss_gradient_and_metri
 
 @pytest.mark.parametrize("reduction", ["token_mean", "sequence_sum"])
 def test_under_gradient_accumulation_the_head_pass_gives_the_two_pass_step(
-    sharp_model,
-    four_pairs,
+    sharp_model,  # noqa: F811 (the fixture)
+    four_pairs,  # noqa: F811
     tmp_path,
     capsys,
     monkeypatch,
-    reduction,  # noqa: F811
+    reduction,
 ):
     """One SGD step of ref_distill top-16 over 4 pairs in 2 micro-batches of 2: scored in the one head pass (once
     per micro-batch) and in TRL's head plus a second pass, the logged losses and the adapter after the step agree.

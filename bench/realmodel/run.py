@@ -250,6 +250,30 @@ def finished(folder: Path, key: str) -> dict | None:
     return result if result.get("fingerprint") == key else None
 
 
+def restore_reported_runs(work: Path) -> int:
+    """Put the runs that results.json reports back into `work` where it lacks them, with the base model's
+    measures: a clean checkout (or another machine) then reruns only what changed or is missing, and the report
+    keeps the runs an invocation with fewer arms, instructions or seeds did not train. Each run keeps its key
+    (`fingerprint`), so one whose measuring code, pairs or settings changed since is not reused."""
+    if not RESULTS_JSON.exists():
+        return 0
+    reported = json.loads(RESULTS_JSON.read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "base.json").exists() and "fingerprint" in reported["base"]:
+        (work / "base.json").write_text(json.dumps(reported["base"], indent=1, ensure_ascii=False))
+    arms = {arm.name: arm for arm in ARMS}
+    restored = 0
+    for result in reported["runs"]:
+        if result["arm"] not in arms:
+            continue
+        folder = unit_folder(work, arms[result["arm"]], result["instruction"], result["seed"])
+        if not (folder / "result.json").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "result.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+            restored += 1
+    return restored
+
+
 def units(arms, instructions, seeds) -> list[tuple[Arm, str | None, int]]:
     out = []
     for seed in seeds:
@@ -290,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
+    if not args.fresh and not args.quick:
+        restored = restore_reported_runs(args.work)
+        if restored:
+            logger.info("Restored %d finished runs from %s (same measuring code, pairs and settings)", restored,
+                        RESULTS_JSON.relative_to(REPO))  # fmt: skip
     base_file = args.work / "base.json"
     base = json.loads(base_file.read_text()) if base_file.exists() else {}
     if args.fresh or base.get("fingerprint") != base_key(args.quick):
@@ -430,7 +459,7 @@ def write_report(summary: list[dict], base: dict, meta: dict, instructions: list
             "logp of instructed answers | logp(chosen) at the end | tool run (s, 1 thread, setup included) | target |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in (r for r in summary if r["instruction"] == n):
+        for row in (r for r in summary if r["instruction"] == n and r["seeds"]):  # arms not run with it: no row
             lines.append(
                 f"| {row['arm']} | {f(row['transfer_greedy'])} | {f(row['transfer_sampled'])} | "
                 f"{row['transfer_min']:.2f} | {f(row['facts'])} | {f(row['one_sentence'])} | "

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..head_pass import TopKTeacher
+from ..head_pass import Teacher
 from ..losses import LMHead
 
 
@@ -46,27 +46,45 @@ class ScoredAnswers:
 
 
 @dataclass
+class GuidedViews:
+    """The batch's guided views, each computed once, when first asked for (again only to add hidden states):
+    `compute(who, with_hidden)`, who = "policy" (policy weights, no gradient, eval mode) or "reference" (the
+    frozen reference: its precomputed margins if the batch carries them, else a pass now); and the LM head that
+    scores each one's hidden states."""
+
+    compute: Callable[[str, bool], GuidedLogps]
+    lm_heads: Callable[[str], LMHead]  # "policy" / "reference" -> the LM head that scores its hidden states
+    _done: dict = field(default_factory=dict)
+
+    def __call__(self, who: Literal["policy", "reference"], with_hidden: bool = False) -> GuidedLogps:
+        done = self._done.get(who)
+        if done is None or (with_hidden and done.hidden is None):
+            self._done[who] = done = self.compute(who, with_hidden)
+        return done
+
+    def computed(self, who: str) -> bool:
+        return who in self._done
+
+
+@dataclass
 class FormInputs:
     """One batch, as a form sees it.
 
     `base` holds the base view's summed log-probs from TRL's forward (with gradient); `student_hidden`, for the
     per-token forms, its final hidden states at the response positions (with gradient). The guided views come
-    from `guided_pass(who, with_hidden)`, who = "policy" (policy weights, no gradient, eval mode) or
-    "reference" (the frozen reference: its precomputed margins if the batch carries them, else a pass now).
+    from `views` (`GuidedViews`), the same the trainer handed `AlignedForm.head_teacher` before the forward.
     """
 
     mode: str
     base: GuidedLogps
     batch: dict  # the guided view's tensors and any precomputed columns (`collator.split_views`)
     response_lengths: torch.Tensor  # response positions per row of the base view
-    guided_pass: Callable[[str, bool], GuidedLogps]
-    lm_heads: Callable[[str], LMHead]  # "policy" / "reference" -> the LM head that scores its hidden states
+    views: GuidedViews
     token_mean_divisor: Callable[[torch.Tensor], torch.Tensor | None]
     student_hidden: torch.Tensor | None = None
-    head_kl: torch.Tensor | None = None  # per response position: the KL to `head_teacher`, from TRL's head pass
+    head_kl: torch.Tensor | None = None  # per response position: the KL to `head_teacher`, from the head pass
     step: int = 0  # the optimizer step being taken (0-based)
     answers: Callable[[], ScoredAnswers] | None = None  # the policy's own answers to the pairs' prompts, scored
-    _guided: dict = field(default_factory=dict)
     _answers: ScoredAnswers | None = None
 
     def own_answers(self) -> ScoredAnswers:
@@ -77,13 +95,13 @@ class FormInputs:
 
     def guided(self, who: Literal["policy", "reference"], with_hidden: bool = False) -> GuidedLogps:
         """`who`'s guided view of the pairs, computed once per batch (again only to add hidden states)."""
-        done = self._guided.get(who)
-        if done is None or (with_hidden and done.hidden is None):
-            self._guided[who] = done = self.guided_pass(who, with_hidden)
-        return done
+        return self.views(who, with_hidden)
 
     def guided_computed(self, who: str) -> bool:
-        return who in self._guided
+        return self.views.computed(who)
+
+    def lm_heads(self, who: str) -> LMHead:
+        return self.views.lm_heads(who)
 
 
 class AlignedForm:
@@ -107,9 +125,9 @@ class AlignedForm:
         """`dataset` with whatever the form reads from the reference precomputed (default: nothing)."""
         return dataset
 
-    def head_teacher(self, batch: dict) -> TopKTeacher | None:
-        """A precomputed teacher to score in the base view's own LM-head pass (`head_pass`), its KL handed back
-        as `FormInputs.head_kl`; None (the default) for a form that scores its own logits."""
+    def head_teacher(self, batch: dict, views: GuidedViews) -> Teacher | None:
+        """A teacher to score in the base view's own LM-head pass (`head_pass`), its KL handed back as
+        `FormInputs.head_kl`; None (the default) for a form without one. Asked before the base view's forward."""
         return None
 
     def target(self, inputs: FormInputs) -> torch.Tensor:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ..head_pass import TopKTeacher
+from ..head_pass import HiddenTeacher, Teacher, TopKTeacher
 from ..losses import chunked_divergence, chunked_rows, reduce_token_kl, topk_token_kl
-from .base import AlignedForm, FormInputs
+from .base import AlignedForm, FormInputs, GuidedViews
 
 
 class Distill(AlignedForm):
@@ -22,9 +22,15 @@ class Distill(AlignedForm):
     def loss(self, inputs: FormInputs) -> torch.Tensor:
         return self.reduce(inputs, self.per_token_kl(inputs))
 
+    def head_teacher(self, batch: dict, views: GuidedViews) -> Teacher | None:
+        """The teacher's guided hidden states, scored exactly in the base view's head pass."""
+        return HiddenTeacher(views(self.teacher, with_hidden=True).hidden, views.lm_heads(self.teacher))
+
     def per_token_kl(self, inputs: FormInputs) -> torch.Tensor:
-        """KL(teacher || student) at every response position of the batch, from the teacher's final hidden
-        states through the teacher's LM head, in chunks (`chunked_rows`)."""
+        """KL(teacher || student) at every response position of the batch: from the base view's head pass, or
+        else from the teacher's final hidden states through the teacher's LM head, in chunks (`chunked_rows`)."""
+        if inputs.head_kl is not None:
+            return inputs.head_kl
         student_head, teacher_head = inputs.lm_heads("policy"), inputs.lm_heads(self.teacher)
         teacher = inputs.guided(self.teacher, with_hidden=True).hidden
         return chunked_divergence(inputs.student_hidden, teacher, student_head, teacher_head)
@@ -48,9 +54,9 @@ class RefDistill(Distill):
             raise ValueError("ALIGN_LOSS=ref_distill without LoRA needs a reference model or --distill_top_k.")
         return dataset
 
-    def head_teacher(self, batch: dict) -> TopKTeacher | None:
-        if "teacher_ids" not in batch:
-            return None
+    def head_teacher(self, batch: dict, views: GuidedViews) -> Teacher | None:
+        if "teacher_ids" not in batch:  # exact: the reference's guided hidden states, a pass now
+            return super().head_teacher(batch, views)
         return TopKTeacher(batch["teacher_ids"], batch["teacher_logps"], batch["teacher_log_rest"])
 
     def per_token_kl(self, inputs: FormInputs) -> torch.Tensor:
