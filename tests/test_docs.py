@@ -45,7 +45,8 @@ def test_method_definition_lives_in_the_repository():
 
 
 def test_relative_links_in_the_docs_resolve():
-    for doc in (REPO / "README.md", REPO / "README.zh-CN.md", REPO / "docs" / "method.md"):
+    docs = ("README.md", "README.zh-CN.md", "docs/method.md", "docs/operations.md")
+    for doc in (REPO / name for name in docs):
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
             assert (doc.parent / target).exists(), f"{doc.name}: {target}"
 
