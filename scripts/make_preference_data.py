@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--test_fraction", type=float, default=0.2)
     # One question per subject keeps the demo short (64 optimizer steps at the launcher's defaults): on the
-    # embedded tiny model, 160 steps at LEARNING_RATE 5e-4 over-optimise it (see the README's quick start).
+    # embedded tiny model, 160 steps at LEARNING_RATE 5e-4 over-optimise it (docs/method.md, "Known behaviour of
+    # the aligned loss").
     parser.add_argument("--templates_per_subject", type=int, default=1)
     args = parser.parse_args(argv)
     train, test = build(args.seed, args.test_fraction, args.templates_per_subject)

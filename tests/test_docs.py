@@ -45,7 +45,8 @@ def test_method_definition_lives_in_the_repository():
 
 
 def test_relative_links_in_the_docs_resolve():
-    for doc in (REPO / "README.md", REPO / "README.zh-CN.md", REPO / "docs" / "method.md"):
+    docs = ("README.md", "README.zh-CN.md", "docs/method.md", "docs/operations.md")
+    for doc in (REPO / name for name in docs):
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
             assert (doc.parent / target).exists(), f"{doc.name}: {target}"
 
@@ -62,3 +63,13 @@ def test_every_method_section_the_code_cites_exists():
     assert len(cited) >= 8
     missing = [(file, name) for file, name in cited if not any(h.startswith(name) for h in headings)]
     assert missing == []
+
+
+def test_the_method_report_keeps_the_hand_written_reading():
+    """METHOD_RESULTS.md is rewritten by `python -m bench.method.report`: the hand-written reading of the
+    numbers, which the README points to, must survive that rewrite, after the real-model section."""
+    from bench.method.report import READING_END, READING_START, kept_sections
+
+    kept = kept_sections(REPO / "METHOD_RESULTS.md")
+    assert READING_START in kept and READING_END in kept and "## Reading the results" in kept
+    assert kept.index("<!-- realmodel:start -->") < kept.index(READING_START)

@@ -354,15 +354,23 @@ def write(
     report.write_text("\n".join(lines) + kept_sections(report), encoding="utf-8")
 
 
+# The hand-written reading of the numbers (what they say, the caveats) lives between these markers
+READING_START, READING_END = "<!-- reading:start -->", "<!-- reading:end -->"
+
+
 def kept_sections(report: Path) -> str:
-    """The sections other benchmarks write into the same file between their markers (the real-model benchmark's,
-    `bench/realmodel/run.py`), kept as they are when this report rewrites the file."""
+    """The sections others write into the same file between their markers, kept as they are, in their order,
+    when this report rewrites the file: the real-model benchmark's (`bench/realmodel/run.py`) and the
+    hand-written reading of the results (`READING_START`)."""
     from bench.realmodel.run import END, START
 
     text = report.read_text(encoding="utf-8") if report.exists() else ""
-    if START not in text or END not in text:
-        return ""
-    return "\n" + text[text.index(START) : text.index(END) + len(END)] + "\n"
+    found = [
+        (text.index(start), text[text.index(start) : text.index(end) + len(end)])
+        for start, end in ((START, END), (READING_START, READING_END))
+        if start in text and end in text
+    ]
+    return "".join(f"\n{section}\n" for _, section in sorted(found))
 
 
 def total_seconds(baselines: dict[int, dict], runs: list[dict]) -> float:
