@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -157,21 +158,24 @@ def precompute_columns(
     todo = [i for i in mine if not shard_path(i).exists()]
     if len(todo) < len(mine):
         logger.info("Teacher store %s: reusing %d of %d shards", store, len(mine) - len(todo), len(mine))
-    for done, index in enumerate(todo, 1):
-        start = index * SHARD_PAIRS
-        stop = min(start + SHARD_PAIRS, len(dataset))
-        columns: dict[str, list] = {}
-        for first in range(start, stop, batch_size):
-            examples = [dataset[i] for i in range(first, min(first + batch_size, stop))]
-            for column, values in score(examples).items():
-                columns.setdefault(column, []).extend(values)
-        temporary = store / f".{shard_path(index).name}.{os.getpid()}.tmp"
-        with ArrowWriter(path=str(temporary)) as writer:
-            writer.write_batch(columns)
-            writer.finalize()
-        os.replace(temporary, shard_path(index))  # complete, or absent
-        logger.info("Teacher for the %s pairs: shard %d/%d written by rank %d", name, done, len(todo),
-                    accelerator.process_index)  # fmt: skip
+    # one bar on the main process, in pairs (its own shards: the ranks share the work evenly), not a line per shard
+    pairs = sum(min(SHARD_PAIRS, len(dataset) - i * SHARD_PAIRS) for i in todo)
+    with tqdm(total=pairs, desc=f"Teacher for the {name} pairs", unit="pair",
+              disable=not todo or not accelerator.is_main_process) as bar:  # fmt: skip
+        for index in todo:
+            start = index * SHARD_PAIRS
+            stop = min(start + SHARD_PAIRS, len(dataset))
+            columns: dict[str, list] = {}
+            for first in range(start, stop, batch_size):
+                examples = [dataset[i] for i in range(first, min(first + batch_size, stop))]
+                for column, values in score(examples).items():
+                    columns.setdefault(column, []).extend(values)
+                bar.update(len(examples))
+            temporary = store / f".{shard_path(index).name}.{os.getpid()}.tmp"
+            with ArrowWriter(path=str(temporary)) as writer:
+                writer.write_batch(columns)
+                writer.finalize()
+            os.replace(temporary, shard_path(index))  # complete, or absent
     accelerator.wait_for_everyone()
     teacher = concatenate_datasets([Dataset.from_file(str(shard_path(i))) for i in range(n_shards)])
     if len(teacher) != len(dataset):  # a store from another data set cannot match the key; this is a guard
