@@ -1,7 +1,7 @@
 """Where a real run's memory goes: the process's resident memory, phase by phase, through the tool's own entry point.
 
     python bench/memory_phases.py                       # SmolLM2-135M-Instruct, the default form, 6 steps
-    python bench/memory_phases.py --steps 6 --align_loss hinge --output bench/results/memory_hinge.json
+    python bench/memory_phases.py --gradient_checkpointing --output bench/results/smollm2_memory_phases_gc.json
 
 One in-process run of `train_with_preference_prompt.main` on the SmolLM2 pairs (`data/smollm2_pairs/`) at the
 real-model issue's shape (batch 8, MAX_LENGTH 160), with a fresh cache, so every precompute runs. A thread
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=160)
     parser.add_argument("--align_loss", default="", help="Empty: the tool's default form.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="GRADIENT_CHECKPOINTING=true.")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "smollm2_memory_phases.json")
     args = parser.parse_args(argv)
 
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "test_dataset_path": REPO / "data" / "smollm2_pairs" / "test.jsonl",
             "preference_text": "Answer in French.",
             **({"align_loss": args.align_loss} if args.align_loss else {}),
+            "gradient_checkpointing": str(args.gradient_checkpointing).lower(),
             "per_device_train_batch_size": args.batch, "per_device_eval_batch_size": args.batch,
             "max_length": args.max_length, "max_prompt_length": 64, "max_steps": args.steps,
             "eval_steps": args.steps, "logging_steps": args.steps, "save_strategy": "no", "report_to": "none",
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "adapter (LoRA, as saved)": trainable or 0,
     }
     lines = [
-        f"SmolLM2-135M-Instruct, {args.steps} steps, batch {args.batch} pairs x {args.max_length} tokens, "
+        f"SmolLM2-135M-Instruct, {args.align_loss or 'the default form'}, {args.steps} steps, batch {args.batch} "
+        f"pairs x {args.max_length} tokens, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; process peak {phases.peak / GIB:.2f} GiB",
         "| step of the run | calls | s | RSS at first start (GiB) | peak (GiB) | most one call rose (GiB) "
         "| RSS after the last (GiB) |",
