@@ -89,7 +89,8 @@ def check_lora_targets(config, targets, trust_remote_code: bool) -> None:
     nn = torch.nn
     adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
     modules = dict(model.named_modules())
-    missing, wrong = [], []
+    head = model.get_output_embeddings()
+    missing, wrong, heads = [], [], []
     for name in targets:
         matched = [m for key, m in modules.items() if key == name or key.endswith(f".{name}")]
         if not matched:
@@ -97,10 +98,19 @@ def check_lora_targets(config, targets, trust_remote_code: bool) -> None:
         elif not all(isinstance(m, adaptable) for m in matched):
             kinds = sorted({type(m).__name__ for m in matched if not isinstance(m, adaptable)})
             wrong.append(f"{name!r} ({', '.join(kinds)})")
-    if missing or wrong:
-        found = sorted({key.rsplit(".", 1)[-1] for key, m in modules.items() if key and isinstance(m, adaptable)})
+        elif any(m is head for m in matched):
+            heads.append(repr(name))
+    if missing or wrong or heads:
+        found = sorted(
+            {key.rsplit(".", 1)[-1] for key, m in modules.items() if key and isinstance(m, adaptable) and m is not head}
+        )
         parts = [f"no module named {', '.join(missing)}"] if missing else []
         parts += [f"not a layer LoRA can adapt: {', '.join(wrong)}"] if wrong else []
+        # TRL's fused LM head and this tool's head pass score every log-prob from the head's own weight, so a LoRA
+        # on it would train nothing and change no log-prob: refused rather than ignored
+        parts += (
+            [f"{', '.join(heads)} is the LM head, which the log-probs are scored from without LoRA"] if heads else []
+        )
         raise UserInputError(
             f"{describe('lora_target_modules')}: {'; '.join(parts)} in {type(model).__name__}. Its layers LoRA can "
             f"adapt: {', '.join(found)} (or all-linear)."

@@ -199,8 +199,11 @@ def test_unknown_lora_targets_are_one_line_before_weights_load(common, capsys, n
     assert errors[0] == (
         "error: LORA_TARGET_MODULES (--lora_target_modules): no module named 'qproj'; not a layer LoRA can adapt: "
         "'self_attn' (Qwen2Attention) in Qwen2ForCausalLM. Its layers LoRA can adapt: down_proj, embed_tokens, "
-        "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or all-linear)."
+        "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)."
     )
+    code, errors = run_main([*common, "--lora_target_modules", "q_proj,lm_head"], capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert "'lm_head' is the LM head, which the log-probs are scored from without LoRA in Qwen2ForCausalLM" in errors[0]
     code, errors = run_main([*common, "--lora_target_modules", "all-linear,q_proj"], capsys)
     assert code == 2 and "LORA_TARGET_MODULES (--lora_target_modules) must be module names" in errors[0]
 
