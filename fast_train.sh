@@ -96,7 +96,7 @@ LOG_DIR="${LOG_DIR:-./logs/$RUN_NAME}"
 CACHE="${CACHE:-true}"                    # false: recompute the tokenized pairs and reference log-probs, keep none
 CACHE_DIR="${CACHE_DIR:-$SCRIPT_DIR/.cache/preference_dpo}"  # reused across runs; safe to delete
 NUM_SAMPLE_PROMPTS="${NUM_SAMPLE_PROMPTS:-3}"  # held-out prompts generated from at each evaluation; 0: none
-DRY_RUN="${DRY_RUN:-0}"                   # 1: print the exact command and exit
+DRY_RUN="${DRY_RUN:-0}"                   # 1 (or true): print the exact command and exit
 PYTHON="${PYTHON:-python3}"
 
 # Stage. dpo: preference-guided DPO. ptune: learn a soft prompt (the file embedding mode reads) and stop.
@@ -151,9 +151,17 @@ parse_gpu_nodes() {
 
 is_this_machine() { [[ "$1" == localhost || "$1" == 127.0.0.1 || "$1" == "$(hostname)" ]]; }
 
+case "${DRY_RUN,,}" in
+  1 | true | yes | t | y) DRY_RUN=1 ;;
+  0 | false | no | f | n | "") DRY_RUN=0 ;;
+  *) die "DRY_RUN='$DRY_RUN' must be 1 (print the command and exit) or 0." ;;
+esac
+
+# The CUDA devices this machine sees (0 when torch has no CUDA build or finds no GPU).
+gpus_here=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' \
+  2>/dev/null || echo 0)
 case "$DEVICE" in
-  auto) if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-          DEVICE=gpu; else DEVICE=cpu; fi ;;
+  auto) if (( gpus_here > 0 )); then DEVICE=gpu; else DEVICE=cpu; fi ;;
   gpu | cpu) ;;
   *) die "DEVICE='$DEVICE' must be auto, gpu or cpu." ;;
 esac
@@ -250,10 +258,25 @@ esac
 # DeepSpeed compiles its CPU communication op once; keep the build beside the project for reuse.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$SCRIPT_DIR/.cache/torch_extensions}"
 
+# ZeRO-3 shards the LM head's weight outside its forward, where the KL forms score hidden states; refused here for
+# the variable (the entry point refuses it too, --align_loss included, but only after DeepSpeed has started ranks).
+if [[ "$ZERO_STAGE" == 3 && " ref_distill distill onpolicy_distill " == *" $ALIGN_LOSS "* ]]; then
+  die "ALIGN_LOSS=$ALIGN_LOSS is not supported with ZeRO-3 (ZERO_STAGE=3) yet: use ZERO_STAGE=2, or" \
+    "ALIGN_LOSS=ref_hinge or hinge with ZeRO-3."
+fi
+
 if [[ "$DEVICE" == gpu ]]; then
   parse_gpu_nodes "$GPU_NODES"
   launcher=(deepspeed --master_port="$MASTER_PORT")
   if [[ ${#HOSTS[@]} -eq 1 ]] && is_this_machine "${HOSTS[0]}"; then
+    if [[ "$DRY_RUN" == 0 ]]; then  # a dry run prints the command for any machine
+      (( gpus_here > 0 )) || die "DEVICE=gpu, but this machine has no CUDA GPU that torch can use: DEVICE=cpu" \
+        "(or auto), or a CUDA build of torch."
+      for id in ${NODE_IDS[${HOSTS[0]}]//,/ }; do
+        (( id < gpus_here )) || die "GPU_NODES='$GPU_NODES' names GPU $id, but this machine has $gpus_here" \
+          "(ids 0 to $((gpus_here - 1)))."
+      done
+    fi
     # Without a hostfile DeepSpeed knows this machine only as `localhost` (127.0.0.1 or its name are refused).
     launcher+=(--include="localhost:${NODE_IDS[${HOSTS[0]}]}")
   else

@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
 
     level = logging.INFO if _is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    parsed = False
     try:
         data_args, model_args, train_args = parse_args(argv)
+        parsed = True
         import transformers
 
         # transformers' INFO level dumps every config it loads; its warnings and the progress bars stay.
@@ -40,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         log_settings(data_args, model_args, train_args)
         run(data_args, model_args, train_args)
     except UserInputError as e:
-        for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
+        # Every rank parses the same arguments: the main process alone says what is wrong with them. A later
+        # problem may be one rank's own, so every rank reports those.
+        if parsed or _is_main_process():
+            for problem in e.problems:
+                print(f"error: {problem}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"\nerror: {e}", file=sys.stderr)  # on a line of its own, after the progress bar

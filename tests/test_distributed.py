@@ -114,7 +114,9 @@ def test_multi_node_form_writes_a_hostfile(tmp_path, monkeypatch, nodes, hostfil
 
 
 def test_multi_node_without_ssh_and_explicit_master(tmp_path, monkeypatch):
-    _, argv = dry_run(tmp_path, GPU_NODES="a:0,b:3", NODE_RANK="1", MASTER_ADDR="10.0.0.5", ZERO_STAGE="3")
+    _, argv = dry_run(
+        tmp_path, GPU_NODES="a:0,b:3", NODE_RANK="1", MASTER_ADDR="10.0.0.5", ZERO_STAGE="3", ALIGN_LOSS="hinge"
+    )
     cmd, decoded = deepspeed_launch(argv, monkeypatch)
     assert decoded == {"a": [0], "b": [3]}
     assert (tmp_path / "logs" / "runs" / "hostfile").read_text() == "a slots=1\nb slots=4\n"
@@ -143,11 +145,33 @@ def test_multi_node_without_ssh_and_explicit_master(tmp_path, monkeypatch):
         ({"GPU_NODES": "node1:0,127.0.0.1:0"}, "'127.0.0.1' names this machine in a run on several nodes"),
         ({"ZERO_STAGE": "1"}, "ZERO_STAGE='1' must be 2 or 3"),
         ({"DEVICE": "cpu", "CPU_RANKS": "0"}, "CPU_RANKS='0' must be a whole number >= 1"),
+        ({"DRY_RUN": "maybe"}, "DRY_RUN='maybe' must be 1 (print the command and exit) or 0"),
+        # refused before DeepSpeed starts any rank, in a dry run too; the entry point refuses it as well
+        ({"ZERO_STAGE": "3"}, "ALIGN_LOSS=ref_distill is not supported with ZeRO-3 (ZERO_STAGE=3) yet"),
+        ({"ZERO_STAGE": "3", "ALIGN_LOSS": "onpolicy_distill"}, "ALIGN_LOSS=onpolicy_distill is not supported"),
     ],
 )
 def test_bad_launcher_settings(tmp_path, env, message):
     out, _ = dry_run(tmp_path, **env)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_dry_run_takes_true_and_prints_only(tmp_path):
+    out, argv = dry_run(tmp_path, DRY_RUN="true", DEVICE="cpu")
+    assert out.returncode == 0 and argv[0] == "python3", out.stderr
+    assert not (tmp_path / "logs" / "runs").exists()  # nothing started, no log file
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_gpu_without_a_gpu_is_refused_before_any_launch(tmp_path):
+    out, _ = dry_run(tmp_path, DRY_RUN="0", OUTPUT_DIR=str(tmp_path / "out"))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == (
+        "fast_train.sh: error: DEVICE=gpu, but this machine has no CUDA GPU that torch can use: DEVICE=cpu (or auto), "
+        "or a CUDA build of torch."
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "logs" / "runs").exists()
 
 
 def test_cpu_ranks_share_the_cores(tmp_path):

@@ -337,7 +337,7 @@ def flag(argv: list[str], name: str) -> str:
         ({"DEVICE": "cpu", "CPU_RANKS": "2"}, ["env"], ["deepspeed", "--num_gpus=2", str(REPO / "ds_config.json")]),
         ({"DEVICE": "gpu", "GPU_NODES": "localhost:1,2"}, ["env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"],
          ["deepspeed", "--include=localhost:1,2", str(REPO / "ds_config.json")]),
-        ({"DEVICE": "gpu", "ZERO_STAGE": "3"}, ["env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"],
+        ({"DEVICE": "gpu", "ZERO_STAGE": "3", "ALIGN_LOSS": "hinge"}, ["env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"],
          ["deepspeed", "--include=localhost:0", str(REPO / "ds_config_zero3.json")]),
     ],
 )  # fmt: skip
