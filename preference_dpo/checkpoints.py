@@ -9,6 +9,7 @@ these (signals, NaN losses, resume or OVERWRITE at start) is in `faults.py`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -26,8 +27,42 @@ RUN_CONFIG_NAME = "run_config.json"  # written last: its presence means the run 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def mark_complete(checkpoint_dir: str | os.PathLike) -> None:
-    Path(checkpoint_dir, COMPLETE_MARKER).write_text("ok\n")
+# The settings that decide what a stage trains, and how: a resumed run must use the checkpoint's, since the optimizer
+# and the learning-rate schedule come back from the checkpoint while run_config.json would record the new ones.
+RESUME_SETTINGS = (
+    "stage", "training_mode", "preference_text", "preference_position", "prompt_embedding_path", "align_loss",
+    "aligned_loss_weight", "distill_top_k", "distill_reduction", "distill_on_policy_frac", "beta", "loss_type",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length", "seed",
+    "precision", "num_virtual_tokens", "ptune_objective", "ptune_init", "ptune_encoder", "ptune_learning_rate",
+    "ptune_epochs", "ptune_max_steps",
+)  # fmt: skip
+
+
+def resume_settings(args) -> dict:
+    """`args`' values of RESUME_SETTINGS, as JSON would read them back."""
+    return json.loads(json.dumps({name: getattr(args, name, None) for name in RESUME_SETTINGS}, default=str))
+
+
+def mark_complete(checkpoint_dir: str | os.PathLike, settings: dict | None = None) -> None:
+    """Written last into a checkpoint: the settings it was trained with (`resume_settings`), as JSON."""
+    Path(checkpoint_dir, COMPLETE_MARKER).write_text(json.dumps(settings or {}, indent=1) + "\n")
+
+
+def check_resume_settings(checkpoint: str | os.PathLike, settings: dict) -> None:
+    """`UserInputError` naming each setting this run changes from the checkpoint's (a marker written before the
+    settings were recorded, `ok`, checks nothing)."""
+    try:
+        saved = json.loads(Path(checkpoint, COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return
+    changed = [name for name in RESUME_SETTINGS if name in saved and saved[name] != settings.get(name)]
+    if changed:
+        given = "; ".join(f"{describe(name)} {saved[name]!r} there, {settings.get(name)!r} now" for name in changed)
+        raise UserInputError(
+            f"{describe('resume_from_checkpoint')}: {checkpoint} was trained with other settings ({given}): rerun "
+            f"with the checkpoint's, or start afresh with {describe('overwrite')}=true (or another RUN_NAME)."
+        )
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -88,15 +123,26 @@ def clear_previous_run(output_dir: str, log_dir: str | None = None) -> None:
         )
 
 
-def resolve_resume(value: str | None, output_dir: str, remove_incomplete: bool = True) -> str | None:
+def resolve_resume(
+    value: str | None, output_dir: str, remove_incomplete: bool = True, settings: dict | None = None
+) -> str | None:
     """`true`/`auto`: the newest complete checkpoint in `output_dir` (or None), incomplete ones removed
-    (`remove_incomplete`); `false`: None; else a path."""
+    (`remove_incomplete`); `false`: None, refused while `output_dir` holds checkpoints (a later resume would take
+    the earlier run's); else a path. A checkpoint trained with other `settings` is refused."""
     text = "" if value is None else str(value).strip()
     if text.lower() in ("", "false", "no", "0", "none"):
+        if found := checkpoints(output_dir):
+            raise UserInputError(
+                f"{describe('resume_from_checkpoint')}=false, but {output_dir} holds {len(found)} checkpoint(s) of an "
+                f"earlier run, which a later resume would take: set {describe('overwrite')}=true to replace them, or "
+                "choose another OUTPUT_DIR or RUN_NAME."
+            )
         return None
     if text.lower() in ("auto", "true", "yes", "1"):
         last = last_complete_checkpoint(output_dir, remove_incomplete=remove_incomplete)
         if last is not None:
+            if settings is not None:
+                check_resume_settings(last, settings)
             logger.info("Resuming from %s", last)
         return None if last is None else str(last)
     if not (Path(text) / COMPLETE_MARKER).exists():
@@ -104,6 +150,8 @@ def resolve_resume(value: str | None, output_dir: str, remove_incomplete: bool =
             f"{describe('resume_from_checkpoint')} {text!r} is not a complete checkpoint folder "
             f"(no {COMPLETE_MARKER} file in it)."
         )
+    if settings is not None:
+        check_resume_settings(text, settings)
     return text
 
 

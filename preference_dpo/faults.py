@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .checkpoints import last_complete_checkpoint, mark_complete, resolve_resume
+from .checkpoints import last_complete_checkpoint, mark_complete, resolve_resume, resume_settings
 from .errors import NonFiniteLossError, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,9 @@ def starting_checkpoint(args, clear_previous: Callable[[], None]) -> str | None:
         if args.overwrite:
             clear_previous()
             return None
-        return resolve_resume(args.resume_from_checkpoint, args.output_dir, remove_incomplete=True)
+        return resolve_resume(
+            args.resume_from_checkpoint, args.output_dir, remove_incomplete=True, settings=resume_settings(args)
+        )
 
     resume_from = on_main_process(decide, args)
     if resume_from is not None:
@@ -110,7 +112,9 @@ class FaultTolerantTrainer:
         super()._save_checkpoint(model, trial)
         # Written after every other file of the checkpoint: without it, resume ignores the folder.
         if self.args.should_save:
-            mark_complete(f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}")
+            mark_complete(
+                f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}", resume_settings(self.args)
+            )
         self.accelerator.wait_for_everyone()
 
 

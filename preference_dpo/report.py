@@ -328,6 +328,9 @@ class SampleGenerations(TrainerCallback):
             self.tensorboard.on_log(args, state, control, logs={"eval_instruction_gap_generated": gap})
         pairs = list(zip(texts[: len(self.prompts)], texts[len(self.prompts) :], strict=True))
         self.history[state.global_step] = pairs
+        # Also in the trainer's history, which every checkpoint keeps: a resumed run's report still has step 0.
+        entry = {SAMPLES_KEY: [list(pair) for pair in pairs], "step": state.global_step}
+        state.log_history.append(entry if gap is None else {**entry, "eval_instruction_gap_generated": gap})
         self.tensorboard.add_text(SAMPLES_TAG, samples_markdown(self.prompts, pairs), state.global_step)
         for prompt, (without, with_) in zip(self.prompts, pairs, strict=True):
             details.info(
@@ -409,11 +412,32 @@ def first_evaluation(log_history: list[dict]) -> dict[str, float] | None:
     return None
 
 
+SAMPLES_KEY = "sample_generations"  # the trainer's history entry of an evaluation's samples: [[without, with], ...]
+
+
+def sample_histories(log_history: list[dict], samples) -> tuple[dict, dict]:
+    """({step: [(without, with), ...]}, {step: instruction gap on those answers}) of every evaluation: from the
+    trainer's history (kept across resumes), else from `samples` (a run whose history lacks them)."""
+    history = {e["step"]: [tuple(pair) for pair in e[SAMPLES_KEY]] for e in log_history if SAMPLES_KEY in e}
+    gaps = {e["step"]: e["eval_instruction_gap_generated"] for e in log_history if SAMPLES_KEY in e
+            and "eval_instruction_gap_generated" in e}  # fmt: skip
+    if not history and samples is not None:
+        return samples.history, samples.gap_history
+    return history, gaps
+
+
+def closed_share(old: float, new: float) -> str:
+    """What training did to an instruction gap, in words: the share closed, or how much it grew."""
+    if new <= old:
+        return f"{1 - new / old:.0%} of it closed"
+    return f"it grew {new / old:.1f}x (the policy without the instruction moved away from the instructed reference)"
+
+
 def rewards_all_zero(entry: dict) -> bool:
-    """Whether every pair's DPO reward margin is exactly 0, as before training, when the policy is the reference
-    (LoRA starts at zero): no pair won (reward accuracy 0) and a mean margin of 0 leave no other case. Its reward
-    accuracy of 0 then says nothing about the model."""
-    return entry.get("eval_rewards/accuracies") == 0 and entry.get("eval_rewards/margins") == 0
+    """Whether the DPO rewards are all about 0, as before training, when the policy is the reference (LoRA starts
+    at zero). Its reward accuracy then says nothing about the model: 0 where the rewards are exactly 0, and a
+    share of pairs won by float noise (1e-8 nats; 0.243 on SmolLM2) where they are not."""
+    return abs(entry.get("eval_rewards/margins", 1.0)) < 1e-6 and abs(entry.get("eval_rewards/chosen", 0.0)) < 1e-6
 
 
 def transfer_line(before: dict, after: dict) -> str | None:
@@ -426,10 +450,18 @@ def transfer_line(before: dict, after: dict) -> str | None:
     if abs(effect) < 1e-6:
         return "Transfer: the instruction did not change the untrained model's held-out margin; nothing to transfer."
     share = (trained - base) / effect
-    return (
+    head = (
         f"Transfer: without the instruction, the held-out margin went from {base:.2f} to {trained:.2f} nats; "
-        f"with it, the untrained model's was {instructed:.2f}: {share:.0%} of the instruction's effect now shows "
-        "without it (DPO on these pairs moves this margin too: compare a run with ALPHA=0)."
+        f"with it, the untrained model's was {instructed:.2f}: "
+    )
+    if share > 1:  # the pairs moved the margin further than the instruction does: not the instruction's doing
+        return head + (
+            f"{share:.1f}x the instruction's effect, more than the instruction itself does: DPO on these pairs moved "
+            "this margin past it, so it says nothing about the instruction (the instruction gap does)."
+        )
+    return head + (
+        f"{share:.0%} of the instruction's effect now shows without it (DPO on these pairs moves this margin too: "
+        "compare a run with ALPHA=0)."
     )
 
 
@@ -441,7 +473,7 @@ def gap_line(before: dict, after: dict) -> str | None:
     old, new = before[key], after[key]
     return (
         f"Instruction gap: KL(reference with the instruction || policy without it) went from {old:.3f} to {new:.3f} "
-        f"nats per token of the held-out chosen responses: {1 - new / old:.0%} of it closed."
+        f"nats per token of the held-out chosen responses: {closed_share(old, new)}."
     )
 
 
@@ -477,15 +509,28 @@ def train_logps(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(e["step"], e["logps/chosen"]) for e in log_history if "logps/chosen" in e and "loss" in e]
 
 
+def collapse_baseline(log_history: list[dict]) -> tuple[str, float] | None:
+    """(where, logp(chosen)) to measure the fall from: the held-out pairs before training when the run evaluated
+    then (the first training log averages a whole logging window, by which a fast collapse is done), else the
+    first training log."""
+    before = first_evaluation(log_history)
+    if before is not None and "eval_logps/chosen" in before:
+        return "on the held-out pairs before training", before["eval_logps/chosen"]
+    logged = train_logps(log_history)
+    return (f"at step {logged[0][0]}", logged[0][1]) if logged else None
+
+
 def collapse_line(log_history: list[dict]) -> str | None:
     """The report's warning when logp(chosen) on the training pairs fell as a collapsing model's does (a run
     without a held-out set included)."""
-    logged = train_logps(log_history)
-    if len(logged) < 2 or not collapse_fall(logged[0][1], logged[-1][1]):
+    logged, baseline = train_logps(log_history), collapse_baseline(log_history)
+    if not logged or baseline is None or (baseline[0].startswith("at step") and len(logged) < 2):
         return None
-    (first_step, first), (last_step, last) = logged[0], logged[-1]
+    (where, first), (last_step, last) = baseline, logged[-1]
+    if not collapse_fall(first, last):
+        return None
     return (
-        f"Watch: logp(chosen) on the training pairs fell from {first:.1f} (step {first_step}) to {last:.1f} nats "
+        f"Watch: logp(chosen) fell from {first:.1f} ({where}) to {last:.1f} nats on the training pairs "
         f"(step {last_step}), more than {COLLAPSE_FALL_NATS:g} nats and {COLLAPSE_FALL_SHARE:.0%}: the model may be "
         "collapsing (empty or repeated answers); lower LEARNING_RATE or ALPHA, or train fewer steps."
     )
@@ -495,20 +540,25 @@ class CollapseWatch(TrainerCallback):
     """Warns once, during training, when logp(chosen) on the training pairs falls as in `collapse_line`."""
 
     def __init__(self) -> None:
-        self.first: tuple[int, float] | None = None
+        self.first: tuple[str, float] | None = None  # (where, logp(chosen)) the fall is measured from
         self.warned = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        value = (logs or {}).get("logps/chosen")
-        if value is None or "loss" not in logs or self.warned:
+        if self.warned or not logs:
+            return
+        value = logs.get("logps/chosen")
+        if value is None or "loss" not in logs:
             return
         if self.first is None:
-            self.first = (state.global_step, value)
+            baseline = collapse_baseline(state.log_history)  # the evaluation before training, also after a resume
+            self.first = baseline if baseline is not None and not baseline[0].startswith("at step") else None
+        if self.first is None:
+            self.first = (f"at step {state.global_step}", value)
         elif collapse_fall(self.first[1], value) and state.is_world_process_zero:
             self.warned = True
             logger.warning(
-                "logp(chosen) on the training pairs fell from %.1f (step %d) to %.1f nats (step %d): the model may "
-                "be collapsing; lower LEARNING_RATE or ALPHA, or train fewer steps.",
+                "logp(chosen) fell from %.1f (%s) to %.1f nats on the training pairs (step %d): the model may be "
+                "collapsing; lower LEARNING_RATE or ALPHA, or train fewer steps.",
                 self.first[1], self.first[0], value, state.global_step,
             )  # fmt: skip
 
@@ -543,15 +593,16 @@ def report(
                 shown = "n/a"
             lines.append(f"  {label:<46}  {shown:>8}  {fmt.format(after_value):>8}")
         if tied:
-            lines.append("  (n/a: all rewards 0 before training, the policy being the reference: no pair can be won)")
+            lines.append("  (n/a: all rewards about 0 before training, the policy being the reference: no pair can be won)")
         lines_after = (transfer_line, gap_line, overoptimisation_line)
         for line in (describe_change(before or {}, final_metrics) for describe_change in lines_after):
             if line:
                 lines.append(line)
-    if samples is not None and len(samples.gap_history) > 1:
-        first, last = min(samples.gap_history), max(samples.gap_history)
-        old_gap, new_gap = samples.gap_history[first], samples.gap_history[last]
-        closed = f": {1 - new_gap / old_gap:.0%} of it closed" if old_gap > 1e-9 else ""
+    history, gap_history = sample_histories(log_history, samples)
+    if len(gap_history) > 1:
+        first, last = min(gap_history), max(gap_history)
+        old_gap, new_gap = gap_history[first], gap_history[last]
+        closed = f": {closed_share(old_gap, new_gap)}" if old_gap > 1e-9 else ""
         lines.append(
             f"Instruction gap on the model's own greedy answers to the sample prompts: {old_gap:.3f} (step {first}) "
             f"to {new_gap:.3f} nats per token (step {last}){closed}."
@@ -559,17 +610,17 @@ def report(
     collapse = collapse_line(log_history)
     if collapse:
         lines.append(collapse)
-    if samples is not None and samples.history:
-        first, last = min(samples.history), max(samples.history)
+    if samples is not None and history:
+        first, last = min(history), max(history)
         lines.append(
             f"Sample generations (greedy, up to {samples.max_new_tokens} new tokens; all steps in TensorBoard's TEXT tab):"
         )
         for i, prompt in enumerate(samples.prompts):
             lines.append(f"  {_cut(prompt.text)}")
-            lines.append(f"    step {first}, with the instruction:    {_cut(samples.history[first][i][1])}")
-            lines.append(f"    step {first}, without the instruction: {_cut(samples.history[first][i][0])}")
+            lines.append(f"    step {first}, with the instruction:    {_cut(history[first][i][1])}")
+            lines.append(f"    step {first}, without the instruction: {_cut(history[first][i][0])}")
             if last != first:
-                lines.append(f"    step {last}, without the instruction: {_cut(samples.history[last][i][0])}")
+                lines.append(f"    step {last}, without the instruction: {_cut(history[last][i][0])}")
     costs = ", ".join(
         f"{name} {seconds:.0f} s" if seconds >= 10 else f"{name} {seconds:.1f} s" for name, seconds in timing.items()
     )

@@ -268,6 +268,60 @@ def test_killed_run_resumes_and_matches_uninterrupted(common, capsys, tmp_path, 
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
 
 
+def test_resume_refuses_other_settings_and_resume_false_an_earlier_runs_checkpoints(
+    common, capsys, tmp_path, monkeypatch
+):
+    """The optimizer and the learning-rate schedule come back from a checkpoint: a rerun with other settings would
+    train on with the old ones while run_config.json recorded the new. And RESUME=false beside an earlier run's
+    checkpoints would leave them for a later resume to take. Both refused before weights load; nothing removed."""
+    from transformers import AutoModelForCausalLM
+
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    steps = ["--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-2"]
+    original = PreferenceGuidedDPOTrainer.training_step
+
+    def killed_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise SystemExit("simulated SIGKILL")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", killed_at_step_3)
+    with pytest.raises(SystemExit):
+        run_main([*common, *steps], capsys)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    saved = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    assert saved["learning_rate"] == 1e-2 and saved["align_loss"] == "ref_distill" and saved["beta"] == 0.05
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the bad input was reported")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    code, errors = run_main([*common, *steps, "--learning_rate", "1e-3"], capsys)
+    assert code == 2 and errors == [
+        f"error: RESUME (--resume_from_checkpoint): {checkpoint} was trained with other settings (LEARNING_RATE "
+        "(--learning_rate) 0.01 there, 0.001 now): rerun with the checkpoint's, or start afresh with "
+        "OVERWRITE (--overwrite)=true (or another RUN_NAME)."
+    ]
+    code, errors = run_main([*common, *steps, "--align_loss", "hinge", "--beta", "0.2"], capsys)
+    assert code == 2 and len(errors) == 1
+    assert (
+        "(ALIGN_LOSS (--align_loss) 'ref_distill' there, 'hinge' now; ALPHA (--aligned_loss_weight) 1.0 " in errors[0]
+    )
+    assert "; BETA (--beta) 0.05 there, 0.2 now" in errors[0]
+    code, errors = run_main([*common, *steps, "--resume_from_checkpoint", "false"], capsys)
+    assert code == 2 and errors == [
+        f"error: RESUME (--resume_from_checkpoint)=false, but {tmp_path / 'out'} holds 1 checkpoint(s) of an earlier "
+        "run, which a later resume would take: set OVERWRITE (--overwrite)=true to replace them, or choose another "
+        "OUTPUT_DIR or RUN_NAME."
+    ]
+    assert (checkpoint / COMPLETE_MARKER).exists()
+    # A checkpoint marked before the settings were recorded resumes as before.
+    (checkpoint / COMPLETE_MARKER).write_text("ok\n")
+    monkeypatch.undo()
+    assert run_main([*common, *steps, "--learning_rate", "1e-3"], capsys)[0] == 0
+
+
 def test_sigterm_saves_a_checkpoint_and_rerun_finishes(common, tmp_path):
     argv = [sys.executable, str(ENTRY), *common, "--max_steps", "60", "--save_steps", "1000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -89,7 +89,8 @@ def test_a_collapse_on_the_training_pairs_is_flagged_without_a_held_out_set(capl
 
     collapsed = train_log((11, -20.0), (22, -60.0), (33, -146.0))
     line = report.collapse_line(collapsed)
-    assert "fell from -20.0 (step 11) to -146.0 nats (step 33)" in line and "LEARNING_RATE" in line
+    assert "fell from -20.0 (at step 11) to -146.0 nats on the training pairs (step 33)" in line
+    assert "LEARNING_RATE" in line
     assert report.collapse_line(train_log((11, -21.0), (22, -30.0))) is None
     assert report.collapse_line(train_log((11, -40.0), (22, -52.0))) is None  # 12 nats but 30%
     assert (
@@ -101,11 +102,33 @@ def test_a_collapse_on_the_training_pairs_is_flagged_without_a_held_out_set(capl
     watch = report.CollapseWatch()
     caplog.set_level(logging.WARNING, logger="preference_dpo.report")
     for entry in collapsed + [{"step": 44, "loss": 0.1, "logps/chosen": -200.0}]:
-        state = SimpleNamespace(global_step=entry["step"], is_world_process_zero=True)
+        state = SimpleNamespace(global_step=entry["step"], is_world_process_zero=True, log_history=[])
         watch.on_log(None, state, None, logs=dict(entry))
     warnings = [r.getMessage() for r in caplog.records if "collapsing" in r.getMessage()]
-    assert warnings == ["logp(chosen) on the training pairs fell from -20.0 (step 11) to -60.0 nats (step 22): the "
-                        "model may be collapsing; lower LEARNING_RATE or ALPHA, or train fewer steps."]  # fmt: skip
+    assert warnings == ["logp(chosen) fell from -20.0 (at step 11) to -60.0 nats on the training pairs (step 22): "
+                        "the model may be collapsing; lower LEARNING_RATE or ALPHA, or train fewer steps."]  # fmt: skip
+
+
+def test_a_collapse_within_the_first_logging_window_is_measured_from_the_evaluation_before_training(caplog):
+    """At LEARNING_RATE=1e4 the first training log (a window of 10 steps) already read -104: measured from it, the
+    fall to -126 was 'no collapse'. The evaluation before training (-2.7, held-out pairs) is the baseline where the
+    run has one, in the report and during training (also after a resume: the history is the checkpoint's)."""
+    from types import SimpleNamespace
+
+    history = [{"step": 0, "eval_loss": 0.69, "eval_logps/chosen": -2.7}, *train_log((10, -104.0), (20, -126.0))]
+    assert report.collapse_line(history).startswith(
+        "Watch: logp(chosen) fell from -2.7 (on the held-out pairs before training) to -126.0 nats on the training "
+        "pairs (step 20)"
+    )
+    assert report.collapse_line(history[1:]) is None  # without it, the first window is the baseline: -104 -> -126
+    watch = report.CollapseWatch()
+    caplog.set_level(logging.WARNING, logger="preference_dpo.report")
+    state = SimpleNamespace(global_step=10, is_world_process_zero=True, log_history=history[:1])
+    watch.on_log(None, state, None, logs=dict(history[1]))
+    warnings = [r.getMessage() for r in caplog.records if "collapsing" in r.getMessage()]
+    assert warnings == ["logp(chosen) fell from -2.7 (on the held-out pairs before training) to -104.0 nats on the "
+                        "training pairs (step 10): the model may be collapsing; lower LEARNING_RATE or ALPHA, or train "
+                        "fewer steps."]  # fmt: skip
 
 
 def test_report_shows_before_and_after_samples_and_costs():
@@ -133,13 +156,49 @@ def test_reward_accuracy_before_training_is_not_shown_as_zero():
     text = report.report("demo", AFTER, [BEFORE], None, {"wall": 1.0}, 4, "out", "tb")
     row = next(line for line in text.splitlines() if "reward accuracy (DPO" in line)
     assert row.split()[-2:] == ["n/a", "0.950"]
-    assert "all rewards 0 before training" in text
+    assert "all rewards about 0 before training" in text
     margin = next(line for line in text.splitlines() if "reward margin (DPO)" in line)
     assert margin.split()[-2:] == ["0.000", "0.400"]
     other_reference = {**BEFORE, "eval_rewards/margins": -0.1}  # REFERENCE_MODEL_PATH another model: a true 0
     text = report.report("demo", AFTER, [other_reference], None, {"wall": 1.0}, 4, "out", "tb")
     row = next(line for line in text.splitlines() if "reward accuracy (DPO" in line)
     assert row.split()[-2:] == ["0.000", "0.950"] and "n/a" not in text
+    # SmolLM2 before training: rewards of float noise (3e-8 nats) won 0.243 of the pairs; n/a as well
+    noise = {**BEFORE, "eval_rewards/accuracies": 0.243, "eval_rewards/margins": 3.08e-8, "eval_rewards/chosen": 1e-8}
+    text = report.report("demo", AFTER, [noise], None, {"wall": 1.0}, 4, "out", "tb")
+    row = next(line for line in text.splitlines() if "reward accuracy (DPO" in line)
+    assert row.split()[-2:] == ["n/a", "0.950"]
+
+
+def test_transfer_above_the_instructions_effect_and_a_grown_gap_are_said_as_such():
+    """A collapsed run (LEARNING_RATE=1e4) read 'Transfer: 1956%' and '-6383% of it closed'."""
+    before = {"eval_margin_base": 2.0, "eval_margin_guided": 3.0, "eval_instruction_gap": 0.115}
+    after = {"eval_margin_base": 21.56, "eval_instruction_gap": 7.465}
+    transfer = report.transfer_line(before, after)
+    assert transfer.endswith(
+        "19.6x the instruction's effect, more than the instruction itself does: DPO on these pairs moved this margin "
+        "past it, so it says nothing about the instruction (the instruction gap does)."
+    )
+    assert report.gap_line(before, after).endswith(
+        ": it grew 64.9x (the policy without the instruction moved away from the instructed reference)."
+    )
+
+
+def test_samples_of_the_evaluation_before_training_survive_a_resume():
+    """A resumed run's callback holds only its own evaluations; the trainer's history (from the checkpoint) holds
+    every one, so the report still compares with step 0."""
+    samples = report.SampleGenerations(
+        [report.SamplePrompt("How do I boil an egg?", [1], [2])], tokenizer=None, max_new_tokens=8, tensorboard=None
+    )
+    samples.history, samples.gap_history = {64: [("Boil it 9 minutes.", "Boil it.")]}, {64: 0.009}
+    history = [
+        {"step": 0, report.SAMPLES_KEY: [["No idea.", "Boil it."]], "eval_instruction_gap_generated": 0.115},
+        {"step": 64, report.SAMPLES_KEY: [["Boil it 9 minutes.", "Boil it."]], "eval_instruction_gap_generated": 0.009},
+    ]
+    text = report.report("demo", {}, history, samples, {"wall": 1.0}, 64, "out", "tb")
+    assert "0.115 (step 0) to 0.009 nats per token (step 64): 92% of it closed." in text
+    assert "step 0, without the instruction: No idea." in text
+    assert "step 64, without the instruction: Boil it 9 minutes." in text
 
 
 def test_summary_is_short_and_says_where_to_look(model_dir):
