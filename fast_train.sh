@@ -157,11 +157,13 @@ case "${DRY_RUN,,}" in
   *) die "DRY_RUN='$DRY_RUN' must be 1 (print the command and exit) or 0." ;;
 esac
 
-# The CUDA devices this machine sees (0 when torch has no CUDA build or finds no GPU).
-gpus_here=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' \
-  2>/dev/null || echo 0)
+# The CUDA devices this machine sees (0 when torch has no CUDA build or finds no GPU); asked only when needed.
+count_gpus() {
+  "$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null ||
+    echo 0
+}
 case "$DEVICE" in
-  auto) if (( gpus_here > 0 )); then DEVICE=gpu; else DEVICE=cpu; fi ;;
+  auto) if (( $(count_gpus) > 0 )); then DEVICE=gpu; else DEVICE=cpu; fi ;;
   gpu | cpu) ;;
   *) die "DEVICE='$DEVICE' must be auto, gpu or cpu." ;;
 esac
@@ -270,6 +272,7 @@ if [[ "$DEVICE" == gpu ]]; then
   launcher=(deepspeed --master_port="$MASTER_PORT")
   if [[ ${#HOSTS[@]} -eq 1 ]] && is_this_machine "${HOSTS[0]}"; then
     if [[ "$DRY_RUN" == 0 ]]; then  # a dry run prints the command for any machine
+      gpus_here=$(count_gpus)
       (( gpus_here > 0 )) || die "DEVICE=gpu, but this machine has no CUDA GPU that torch can use: DEVICE=cpu" \
         "(or auto), or a CUDA build of torch."
       for id in ${NODE_IDS[${HOSTS[0]}]//,/ }; do
@@ -324,6 +327,11 @@ if [[ "$DRY_RUN" == 1 ]]; then
   done
   exit 0
 fi
+
+# --help: the entry point's flags, printed; no run, so no log file and no launch.
+for arg in "${user_args[@]}"; do
+  if [[ "$arg" == -h || "$arg" == --help ]]; then exec "$PYTHON" "$entry" --help; fi
+done
 
 mkdir -p "$LOG_DIR/runs"
 echo "fast_train.sh: logging to $log_file" >&2

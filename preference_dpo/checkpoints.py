@@ -96,7 +96,7 @@ def check_output_dir(output_dir: str, overwrite: bool) -> list[str]:
     if is_finished_run(output_dir) and not overwrite:
         return [
             f"{describe('output_dir')} {output_dir!r} already holds a finished run ({RUN_CONFIG_NAME}); set "
-            f"{describe('overwrite')} to replace it, or choose another OUTPUT_DIR or RUN_NAME."
+            f"{describe('overwrite')}=true to replace it, or choose another OUTPUT_DIR or RUN_NAME."
         ]
     return []
 

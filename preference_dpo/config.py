@@ -390,7 +390,9 @@ def _model_problem(flag: str, path: str, revision: str | None) -> str | None:
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    hint = " Run ./fast_train.sh once to build the embedded default." if flag == "model_name_or_path" else ""
+    # the embedded default's folder is built by the launcher: the hint only for a path that names it
+    embedded = flag == "model_name_or_path" and Path(path).name == "tiny_model"
+    hint = " Run ./fast_train.sh once to build the embedded default." if embedded else ""
     if os.path.exists(path):
         return f"{describe(flag)}: {path!r} is a file; give the model's folder.{hint}"
     try:

@@ -247,7 +247,7 @@ def check_prompt_output_dir(folder: str, overwrite: bool) -> None:
     if (Path(folder) / SUMMARY_FILE).is_file() and not overwrite:
         raise UserInputError(
             f"{describe('ptune_output_dir')} {folder!r} already holds a learned prompt ({SUMMARY_FILE}); set "
-            f"{describe('overwrite')} to replace it, or choose another PTUNE_OUTPUT_DIR."
+            f"{describe('overwrite')}=true to replace it, or choose another PTUNE_OUTPUT_DIR."
         )
 
 

@@ -593,7 +593,9 @@ def report(
                 shown = "n/a"
             lines.append(f"  {label:<46}  {shown:>8}  {fmt.format(after_value):>8}")
         if tied:
-            lines.append("  (n/a: all rewards about 0 before training, the policy being the reference: no pair can be won)")
+            lines.append(
+                "  (n/a: all rewards about 0 before training, the policy being the reference: no pair can be won)"
+            )
         lines_after = (transfer_line, gap_line, overoptimisation_line)
         for line in (describe_change(before or {}, final_metrics) for describe_change in lines_after):
             if line:

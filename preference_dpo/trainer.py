@@ -251,6 +251,11 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         # labels and the form its own logits, a second pass.
         self._head_pass = None if zero3() else install_head_pass(self._unwrapped(self.model)[1], lm_head_of)
         self._head_pass_logged = False
+        if zero3() and self.eval_dataset is not None and self.accelerator.is_main_process:
+            logger.warning(
+                "The instruction gap is not measured under ZeRO-3 (ZERO_STAGE=3): it scores hidden states through "
+                "the LM head, whose weight is sharded outside its forward. ZERO_STAGE=2 measures it."
+            )
         self.train_dataset = self.form.prepare(self, self.train_dataset, "train")
         if self.eval_dataset is not None:
             self.eval_dataset = self.form.prepare(self, self.eval_dataset, "eval")

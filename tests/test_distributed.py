@@ -457,3 +457,10 @@ def test_an_error_of_the_main_process_ends_every_rank(tmp_path, where):
     for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
         assert proc.returncode == 2, output[-2000:]
         assert f"rank {rank}: OUTPUT_DIR: cannot remove the previous run (read-only)" in output
+
+
+def test_help_through_the_launcher_prints_the_flags_and_writes_no_log(tmp_path):
+    env = {**os.environ, "DEVICE": "cpu", "LOG_DIR": str(tmp_path / "logs"), "OUTPUT_DIR": str(tmp_path / "out")}
+    out = subprocess.run(["bash", str(LAUNCHER), "--help"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "--aligned_loss_weight" in out.stdout, out.stderr
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "out").exists()

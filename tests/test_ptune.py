@@ -228,7 +228,7 @@ def test_the_ptune_stage_ignores_the_dpo_stage_embedding_file_and_output(common,
     code, errors = run_main(argv, capsys)
     assert code == 2 and errors == [
         f"error: PTUNE_OUTPUT_DIR (--ptune_output_dir) '{ptune_dir}' already holds a learned prompt ({SUMMARY_FILE}); "
-        "set OVERWRITE (--overwrite) to replace it, or choose another PTUNE_OUTPUT_DIR."
+        "set OVERWRITE (--overwrite)=true to replace it, or choose another PTUNE_OUTPUT_DIR."
     ]
 
 
