@@ -369,6 +369,27 @@ def log_comparison(comparison: dict, num_virtual_tokens: int, init: str) -> None
             f"on those: accuracy {row['accuracy']:.3f}, margin {row['margin']:+.3f})"
         )
     logger.info("\n".join(lines))
+    worse = worse_than_no_prompt(comparison)
+    if worse:
+        logger.warning(
+            "The learned soft prompt does worse on the held-out pairs than no prompt (%s): DPO in embedding mode "
+            "(STAGE=all's next stage) would guide the model with it. Train it longer (PTUNE_MAX_STEPS, PTUNE_EPOCHS), "
+            "try PTUNE_OBJECTIVE=sft, or use the text instruction (TRAINING_MODE=text).",
+            worse,
+        )
+
+
+def worse_than_no_prompt(comparison: dict) -> str:
+    """What the learned prompt does worse than no prompt on the held-out pairs, in words ('' if nothing)."""
+    learned, without = comparison.get("learned_prompt"), comparison.get("without_prompt")
+    if not learned or not without:
+        return ""
+    worse = [
+        f"{name} {learned[name]:.3f} against {without[name]:.3f}"
+        for name in ("accuracy", "margin")
+        if learned[name] < without[name]
+    ]
+    return "; ".join(worse)
 
 
 # --- the stage ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The stage that learns the soft prompt (STAGE=ptune): objective, placement, file format, launcher, faults."""
 
 import json
+import logging
 import math
 import os
 import shlex
@@ -60,6 +61,25 @@ def test_prompt_objectives_hand_computed():
     assert prompt_sft_loss(torch.tensor([-1.0, -2.0]), torch.tensor([2, 4])).item() == pytest.approx(0.5)
     accuracy, margin = preference_accuracy_and_margin(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]))
     assert (accuracy.item(), margin.item()) == (0.5, 0.5)
+
+
+def test_a_learned_prompt_worse_than_no_prompt_is_warned_of(caplog):
+    """STAGE=all went on to DPO with a prompt at accuracy 0.703 where no prompt had 0.750, without a word."""
+    from preference_dpo.ptune import log_comparison
+
+    comparison = {
+        "without_prompt": {"accuracy": 0.75, "margin": 2.1, "pairs": 128},
+        "learned_prompt": {"accuracy": 0.703, "margin": 2.5, "pairs": 128},
+    }
+    caplog.set_level(logging.INFO, logger="preference_dpo.ptune")
+    log_comparison(comparison, 16, "text")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "The learned soft prompt does worse on the held-out pairs than no prompt (accuracy 0.703 against 0.750): "
+    )
+    caplog.clear()
+    log_comparison({**comparison, "learned_prompt": {"accuracy": 0.8, "margin": 2.5, "pairs": 128}}, 16, "text")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_the_trainer_and_deepspeed_internals_the_stage_relies_on():
