@@ -115,6 +115,11 @@ PTUNE_OUTPUT_DIR="${PTUNE_OUTPUT_DIR:-$OUTPUT_DIR/ptune}"  # prompt_embeddings.p
 
 die() { echo "fast_train.sh: error: $*" >&2; exit 2; }
 
+# --help: the entry point's flags, printed before any check of the settings; no run, no log file, no launch.
+for arg in "$@"; do
+  if [[ "$arg" == -h || "$arg" == --help ]]; then exec "$PYTHON" "$SCRIPT_DIR/train_with_preference_prompt.py" --help; fi
+done
+
 # GPU_NODES -> HOSTS (in order) and NODE_IDS[host] ("0,1"); every malformed form is an error.
 declare -a HOSTS=()
 declare -A NODE_IDS=()
@@ -327,11 +332,6 @@ if [[ "$DRY_RUN" == 1 ]]; then
   done
   exit 0
 fi
-
-# --help: the entry point's flags, printed; no run, so no log file and no launch.
-for arg in "${user_args[@]}"; do
-  if [[ "$arg" == -h || "$arg" == --help ]]; then exec "$PYTHON" "$entry" --help; fi
-done
 
 mkdir -p "$LOG_DIR/runs"
 echo "fast_train.sh: logging to $log_file" >&2

@@ -28,20 +28,38 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 # The settings that decide what a stage trains, and how: a resumed run must use the checkpoint's, since the optimizer
-# and the learning-rate schedule come back from the checkpoint while run_config.json would record the new ones.
+# and the learning-rate schedule come back from the checkpoint while run_config.json would record the new ones. Not
+# among them: how the batch is split (PER_DEVICE_BATCH_SIZE x GRADIENT_ACCUM_STEPS; their product is, as
+# `global_batch`), so that a run out of memory can resume with a smaller micro-batch; and the step count (MAX_STEPS,
+# NUM_EPOCHS), which a resume may extend (the schedule is then planned again from the step reached).
 RESUME_SETTINGS = (
     "stage", "training_mode", "preference_text", "preference_position", "prompt_embedding_path", "align_loss",
     "aligned_loss_weight", "distill_top_k", "distill_reduction", "distill_on_policy_frac", "beta", "loss_type",
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "num_train_epochs", "max_steps",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length", "seed",
-    "precision", "num_virtual_tokens", "ptune_objective", "ptune_init", "ptune_encoder", "ptune_learning_rate",
-    "ptune_epochs", "ptune_max_steps",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_length", "max_prompt_length", "seed",
+    "num_virtual_tokens", "ptune_objective", "ptune_init", "ptune_encoder", "ptune_learning_rate",
 )  # fmt: skip
+MODEL_SETTINGS = (
+    "model_name_or_path", "model_revision", "reference_model_path", "use_peft", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules",
+)  # fmt: skip
+DATA_SETTINGS = ("train_dataset_path", "dataset_split")
+_DESCRIBED = {"global_batch": "the global batch (ranks x PER_DEVICE_BATCH_SIZE x GRADIENT_ACCUM_STEPS)",
+              "ranks": "the number of ranks", "precision": "PRECISION (resolved)"}  # fmt: skip
 
 
-def resume_settings(args) -> dict:
-    """`args`' values of RESUME_SETTINGS, as JSON would read them back."""
-    return json.loads(json.dumps({name: getattr(args, name, None) for name in RESUME_SETTINGS}, default=str))
+def resume_settings(args, model_args=None, data_args=None) -> dict:
+    """What a checkpoint records of its run (RESUME_SETTINGS of `args`, the model's and the data's), as JSON reads
+    it back; ranks and precision as resolved (PRECISION=auto is fp32 on a CPU, as PRECISION=fp32 is)."""
+    settings = {name: getattr(args, name, None) for name in RESUME_SETTINGS}
+    for source, names in ((model_args, MODEL_SETTINGS), (data_args, DATA_SETTINGS)):
+        settings.update({name: getattr(source, name, None) for name in names} if source is not None else {})
+    ranks = args.world_size
+    settings.update(
+        global_batch=ranks * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        ranks=ranks,  # DeepSpeed's checkpoints are sharded per rank; one process's are not
+        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+    )
+    return json.loads(json.dumps(settings, default=str))
 
 
 def mark_complete(checkpoint_dir: str | os.PathLike, settings: dict | None = None) -> None:
@@ -56,9 +74,12 @@ def check_resume_settings(checkpoint: str | os.PathLike, settings: dict) -> None
         saved = json.loads(Path(checkpoint, COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
         return
-    changed = [name for name in RESUME_SETTINGS if name in saved and saved[name] != settings.get(name)]
+    changed = [name for name in settings if name in saved and saved[name] != settings[name]]
     if changed:
-        given = "; ".join(f"{describe(name)} {saved[name]!r} there, {settings.get(name)!r} now" for name in changed)
+        given = "; ".join(
+            f"{_DESCRIBED.get(name) or describe(name)} {saved[name]!r} there, {settings[name]!r} now"
+            for name in changed
+        )
         raise UserInputError(
             f"{describe('resume_from_checkpoint')}: {checkpoint} was trained with other settings ({given}): rerun "
             f"with the checkpoint's, or start afresh with {describe('overwrite')}=true (or another RUN_NAME)."

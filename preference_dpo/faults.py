@@ -54,7 +54,7 @@ def on_main_process(compute: Callable[[], Any], args) -> Any:
     return value
 
 
-def starting_checkpoint(args, clear_previous: Callable[[], None]) -> str | None:
+def starting_checkpoint(args, clear_previous: Callable[[], None], settings: dict | None = None) -> str | None:
     """The checkpoint training resumes from (None: from the start), per RESUME_FROM_CHECKPOINT and OVERWRITE.
 
     OVERWRITE calls `clear_previous` (the stage's own files, checkpoints, event files) on the global main
@@ -67,9 +67,7 @@ def starting_checkpoint(args, clear_previous: Callable[[], None]) -> str | None:
         if args.overwrite:
             clear_previous()
             return None
-        return resolve_resume(
-            args.resume_from_checkpoint, args.output_dir, remove_incomplete=True, settings=resume_settings(args)
-        )
+        return resolve_resume(args.resume_from_checkpoint, args.output_dir, remove_incomplete=True, settings=settings)
 
     resume_from = on_main_process(decide, args)
     if resume_from is not None:
@@ -84,6 +82,9 @@ class FaultTolerantTrainer:
     """Mixed into a stage's `Trainer` subclass (before it): complete-or-ignored checkpoints, NaN/Inf handling."""
 
     nonfinite_batches_skipped = 0  # this process's count of batches skipped with SKIP_NONFINITE_BATCHES
+    # what each checkpoint records of the run (`checkpoints.resume_settings`), set by the stage from its settings
+    # as parsed, before the trainer could adjust any
+    recorded_settings: dict | None = None
 
     def _finite_or_skipped(self, loss: torch.Tensor, what: Callable[[], str], advice: str) -> torch.Tensor:
         """`loss` when it is finite on every rank (a gather: all ranks decide alike). Else, with
@@ -113,7 +114,8 @@ class FaultTolerantTrainer:
         # Written after every other file of the checkpoint: without it, resume ignores the folder.
         if self.args.should_save:
             mark_complete(
-                f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}", resume_settings(self.args)
+                f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}",
+                self.recorded_settings if self.recorded_settings is not None else resume_settings(self.args),
             )
         self.accelerator.wait_for_everyone()
 

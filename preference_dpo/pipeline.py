@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import RUN_CONFIG_NAME, clear_previous_run, move_into
+from .checkpoints import RUN_CONFIG_NAME, clear_previous_run, move_into, resume_settings
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig
 from .errors import UserInputError
 from .faults import starting_checkpoint, stop_on_signal
@@ -136,9 +136,13 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     tokenizer = load_tokenizer(model_args, train_args)
     data = tokenize(data_args, model_args, train_args, tokenizer, checked)
     log_start_summary(data_args, model_args, train_args, data, checked)
-    resume_from = starting_checkpoint(train_args, lambda: clear_previous_run(train_args.output_dir, train_args.log_dir))
+    settings = resume_settings(train_args, model_args, data_args)  # what each checkpoint records, as parsed
+    resume_from = starting_checkpoint(
+        train_args, lambda: clear_previous_run(train_args.output_dir, train_args.log_dir), settings
+    )
     model, ref_model = load_models(model_args, train_args)
     trainer, callbacks = build_trainer(model, ref_model, tokenizer, model_args, train_args, data, checked)
+    trainer.recorded_settings = settings
     setup_seconds = time.monotonic() - started
     trained = train_and_evaluate(
         trainer, callbacks.stopper, resume_from, train_args.output_dir, callbacks.tensorboard,
@@ -315,6 +319,11 @@ def build_trainer(model, ref_model, tokenizer, model_args, train_args, data: Tok
         reference_weights=data.reference_weights,
     )
     samples.gap = trainer.generated_instruction_gap
+    # The policy before training is its reference (LoRA starts at zero), whose log-probs of the training pairs are
+    # precomputed: the watch's baseline, on the very pairs it watches. Not with another reference model.
+    if "ref_chosen_logps" in trainer.train_dataset.column_names and not model_args.reference_model_path:
+        chosen = trainer.train_dataset["ref_chosen_logps"]
+        watch.before = sum(chosen) / len(chosen)
     report.use_one_progress_bar(trainer)
     return trainer, callbacks
 

@@ -29,7 +29,7 @@ import torch
 from transformers import Trainer
 
 from .cache import file_backed
-from .checkpoints import checkpoints, move_into
+from .checkpoints import checkpoints, move_into, resume_settings
 from .collator import PreferenceViewsCollator, split_views
 from .config import DataArguments, ModelArguments, PreferenceDPOConfig
 from .errors import UserInputError
@@ -372,7 +372,7 @@ def log_comparison(comparison: dict, num_virtual_tokens: int, init: str) -> None
     worse = worse_than_no_prompt(comparison)
     if worse:
         logger.warning(
-            "The learned soft prompt does worse on the held-out pairs than no prompt (%s): DPO in embedding mode "
+            "The learned soft prompt scores below no prompt on the held-out pairs (%s): DPO in embedding mode "
             "(STAGE=all's next stage) would guide the model with it. Train it longer (PTUNE_MAX_STEPS, PTUNE_EPOCHS), "
             "try PTUNE_OBJECTIVE=sft, or use the text instruction (TRAINING_MODE=text).",
             worse,
@@ -421,10 +421,12 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     args = use_stage_settings(train_args, has_test_set=data.eval_dataset is not None)
     output_dir = Path(args.output_dir)
     data = data.file_backed(output_dir / TOKENIZED_DIR, args)
-    resume_from = starting_checkpoint(args, lambda: clear_previous_prompt(output_dir, args.log_dir))
+    settings = resume_settings(args, model_args, data_args)  # what each checkpoint records, as parsed
+    resume_from = starting_checkpoint(args, lambda: clear_previous_prompt(output_dir, args.log_dir), settings)
     soft_model = load_soft_prompt_model(model_args, args)
     initial_prompt = soft_model.snapshot()  # the comparison's "initial soft prompt" row
     trainer, tensorboard, stopper = build_trainer(soft_model, tokenizer, args, data)
+    trainer.recorded_settings = settings
     has_test_set = data.eval_dataset is not None
     trained = train_and_evaluate(trainer, stopper, resume_from, output_dir, tensorboard, has_test_set)
     comparison = {}

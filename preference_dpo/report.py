@@ -430,7 +430,8 @@ def closed_share(old: float, new: float) -> str:
     """What training did to an instruction gap, in words: the share closed, or how much it grew."""
     if new <= old:
         return f"{1 - new / old:.0%} of it closed"
-    return f"it grew {new / old:.1f}x (the policy without the instruction moved away from the instructed reference)"
+    grew = f"{new / old - 1:.0%}" if new < 2 * old else f"{new / old:.1f}x"
+    return f"it grew {grew} (the policy without the instruction moved away from the instructed reference)"
 
 
 def rewards_all_zero(entry: dict) -> bool:
@@ -509,13 +510,16 @@ def train_logps(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(e["step"], e["logps/chosen"]) for e in log_history if "logps/chosen" in e and "loss" in e]
 
 
+TRAIN_BEFORE_KEY = "train_logps_chosen_before"  # the trainer's history entry of the baseline below
+
+
 def collapse_baseline(log_history: list[dict]) -> tuple[str, float] | None:
-    """(where, logp(chosen)) to measure the fall from: the held-out pairs before training when the run evaluated
-    then (the first training log averages a whole logging window, by which a fast collapse is done), else the
-    first training log."""
-    before = first_evaluation(log_history)
-    if before is not None and "eval_logps/chosen" in before:
-        return "on the held-out pairs before training", before["eval_logps/chosen"]
+    """(where, logp(chosen)) to measure the fall from: the training pairs before training where the run recorded it
+    (`CollapseWatch.before`; the first training log averages a whole logging window, by which a fast collapse is
+    done), else the first training log."""
+    for entry in log_history:
+        if TRAIN_BEFORE_KEY in entry:
+            return "before training", entry[TRAIN_BEFORE_KEY]
     logged = train_logps(log_history)
     return (f"at step {logged[0][0]}", logged[0][1]) if logged else None
 
@@ -539,7 +543,9 @@ def collapse_line(log_history: list[dict]) -> str | None:
 class CollapseWatch(TrainerCallback):
     """Warns once, during training, when logp(chosen) on the training pairs falls as in `collapse_line`."""
 
-    def __init__(self) -> None:
+    def __init__(self, before: float | None = None) -> None:
+        # the mean logp(chosen) of the training pairs before training (the reference's, precomputed), or None
+        self.before = before
         self.first: tuple[str, float] | None = None  # (where, logp(chosen)) the fall is measured from
         self.warned = False
 
@@ -550,8 +556,11 @@ class CollapseWatch(TrainerCallback):
         if value is None or "loss" not in logs:
             return
         if self.first is None:
-            baseline = collapse_baseline(state.log_history)  # the evaluation before training, also after a resume
-            self.first = baseline if baseline is not None and not baseline[0].startswith("at step") else None
+            # kept in the trainer's history, which checkpoints keep: a resumed run measures from the same value
+            if self.before is not None and not any(TRAIN_BEFORE_KEY in e for e in state.log_history):
+                state.log_history.insert(0, {"step": 0, TRAIN_BEFORE_KEY: self.before})
+            baseline = collapse_baseline(state.log_history)
+            self.first = baseline if baseline is not None and baseline[0] == "before training" else None
         if self.first is None:
             self.first = (f"at step {state.global_step}", value)
         elif collapse_fall(self.first[1], value) and state.is_world_process_zero:

@@ -75,7 +75,7 @@ def test_a_learned_prompt_worse_than_no_prompt_is_warned_of(caplog):
     log_comparison(comparison, 16, "text")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith(
-        "The learned soft prompt does worse on the held-out pairs than no prompt (accuracy 0.703 against 0.750): "
+        "The learned soft prompt scores below no prompt on the held-out pairs (accuracy 0.703 against 0.750): "
     )
     caplog.clear()
     log_comparison({**comparison, "learned_prompt": {"accuracy": 0.8, "margin": 2.5, "pairs": 128}}, 16, "text")

@@ -309,6 +309,8 @@ def test_resume_refuses_other_settings_and_resume_false_an_earlier_runs_checkpoi
         "(ALIGN_LOSS (--align_loss) 'ref_distill' there, 'hinge' now; ALPHA (--aligned_loss_weight) 1.0 " in errors[0]
     )
     assert "; BETA (--beta) 0.05 there, 0.2 now" in errors[0]
+    code, errors = run_main([*common, *steps, "--lora_r", "8"], capsys)  # a LoRA of another shape
+    assert code == 2 and "LORA_R (--lora_r) 16 there, 8 now" in errors[0], errors
     code, errors = run_main([*common, *steps, "--resume_from_checkpoint", "false"], capsys)
     assert code == 2 and errors == [
         f"error: RESUME (--resume_from_checkpoint)=false, but {tmp_path / 'out'} holds 1 checkpoint(s) of an earlier "
@@ -316,10 +318,32 @@ def test_resume_refuses_other_settings_and_resume_false_an_earlier_runs_checkpoi
         "OUTPUT_DIR or RUN_NAME."
     ]
     assert (checkpoint / COMPLETE_MARKER).exists()
-    # A checkpoint marked before the settings were recorded resumes as before.
-    (checkpoint / COMPLETE_MARKER).write_text("ok\n")
+    # Out of memory: the same global batch in smaller micro-batches, PRECISION spelled out, more steps all resume.
     monkeypatch.undo()
-    assert run_main([*common, *steps, "--learning_rate", "1e-3"], capsys)[0] == 0
+    smaller = [*steps, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    code, _, log = run_main([*common, *smaller, "--precision", "fp32", "--max_steps", "7"], capsys, full_log=True)
+    assert code == 0 and f"Resuming from {checkpoint}" in log
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 7
+
+
+def test_a_checkpoint_marked_before_settings_were_recorded_resumes(common, capsys, tmp_path, monkeypatch):
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    steps = ["--max_steps", "4", "--save_steps", "2"]
+    original = PreferenceGuidedDPOTrainer.training_step
+
+    def killed_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise SystemExit("simulated SIGKILL")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", killed_at_step_3)
+    with pytest.raises(SystemExit):
+        run_main([*common, *steps], capsys)
+    monkeypatch.undo()
+    (tmp_path / "out" / "checkpoint-2" / COMPLETE_MARKER).write_text("ok\n")  # an earlier version's marker
+    code, _, log = run_main([*common, *steps, "--learning_rate", "1e-3"], capsys, full_log=True)
+    assert code == 0 and "Resuming from" in log
 
 
 def test_sigterm_saves_a_checkpoint_and_rerun_finishes(common, tmp_path):

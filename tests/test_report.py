@@ -109,26 +109,30 @@ def test_a_collapse_on_the_training_pairs_is_flagged_without_a_held_out_set(capl
                         "the model may be collapsing; lower LEARNING_RATE or ALPHA, or train fewer steps."]  # fmt: skip
 
 
-def test_a_collapse_within_the_first_logging_window_is_measured_from_the_evaluation_before_training(caplog):
+def test_a_collapse_within_the_first_logging_window_is_measured_from_before_training(caplog):
     """At LEARNING_RATE=1e4 the first training log (a window of 10 steps) already read -104: measured from it, the
-    fall to -126 was 'no collapse'. The evaluation before training (-2.7, held-out pairs) is the baseline where the
-    run has one, in the report and during training (also after a resume: the history is the checkpoint's)."""
+    fall to -126 was 'no collapse'. The training pairs' logp(chosen) before training (the reference's, -2.7) is the
+    baseline where the run has it, during training and in the report (kept in the trainer's history, so after a
+    resume too). Not the held-out pairs': longer training responses would read as a collapse."""
     from types import SimpleNamespace
 
-    history = [{"step": 0, "eval_loss": 0.69, "eval_logps/chosen": -2.7}, *train_log((10, -104.0), (20, -126.0))]
-    assert report.collapse_line(history).startswith(
-        "Watch: logp(chosen) fell from -2.7 (on the held-out pairs before training) to -126.0 nats on the training "
-        "pairs (step 20)"
-    )
-    assert report.collapse_line(history[1:]) is None  # without it, the first window is the baseline: -104 -> -126
-    watch = report.CollapseWatch()
+    logged = train_log((10, -104.0), (20, -126.0))
+    assert report.collapse_line(logged) is None  # the first window as the baseline: -104 -> -126
+    watch = report.CollapseWatch(before=-2.7)
     caplog.set_level(logging.WARNING, logger="preference_dpo.report")
-    state = SimpleNamespace(global_step=10, is_world_process_zero=True, log_history=history[:1])
-    watch.on_log(None, state, None, logs=dict(history[1]))
+    state = SimpleNamespace(global_step=10, is_world_process_zero=True, log_history=[])
+    watch.on_log(None, state, None, logs=dict(logged[0]))
+    assert state.log_history == [{"step": 0, report.TRAIN_BEFORE_KEY: -2.7}]
     warnings = [r.getMessage() for r in caplog.records if "collapsing" in r.getMessage()]
-    assert warnings == ["logp(chosen) fell from -2.7 (on the held-out pairs before training) to -104.0 nats on the "
-                        "training pairs (step 10): the model may be collapsing; lower LEARNING_RATE or ALPHA, or train "
-                        "fewer steps."]  # fmt: skip
+    assert warnings == ["logp(chosen) fell from -2.7 (before training) to -104.0 nats on the training pairs (step 10): "
+                        "the model may be collapsing; lower LEARNING_RATE or ALPHA, or train fewer steps."]  # fmt: skip
+    assert report.collapse_line(state.log_history + logged).startswith(
+        "Watch: logp(chosen) fell from -2.7 (before training) to -126.0 nats on the training pairs (step 20)"
+    )
+    # long training responses (-98) beside short held-out ones (-2.7): no collapse, their own baseline is -97
+    healthy = [{"step": 0, report.TRAIN_BEFORE_KEY: -97.0}, {"step": 0, "eval_loss": 0.7, "eval_logps/chosen": -2.7},
+               *train_log((10, -98.3), (20, -97.9))]  # fmt: skip
+    assert report.collapse_line(healthy) is None
 
 
 def test_report_shows_before_and_after_samples_and_costs():
@@ -181,6 +185,9 @@ def test_transfer_above_the_instructions_effect_and_a_grown_gap_are_said_as_such
     )
     assert report.gap_line(before, after).endswith(
         ": it grew 64.9x (the policy without the instruction moved away from the instructed reference)."
+    )
+    assert report.closed_share(0.1, 0.104) == (
+        "it grew 4% (the policy without the instruction moved away from the instructed reference)"
     )
 
 
