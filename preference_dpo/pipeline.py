@@ -135,11 +135,13 @@ def run(data_args: DataArguments, model_args: ModelArguments, train_args: Prefer
     checked = check_inputs(model_args, train_args)  # everything checkable without weights
     tokenizer = load_tokenizer(model_args, train_args)
     data = tokenize(data_args, model_args, train_args, tokenizer, checked)
-    log_start_summary(data_args, model_args, train_args, data, checked)
     settings = resume_settings(train_args, model_args, data_args)  # what each checkpoint records, as parsed
+    # before the summary: a refused resume prints only its error, and a resumed run's summary says it skips the
+    # evaluation before training
     resume_from = starting_checkpoint(
         train_args, lambda: clear_previous_run(train_args.output_dir, train_args.log_dir), settings
     )
+    log_start_summary(data_args, model_args, train_args, data, checked)
     model, ref_model = load_models(model_args, train_args)
     trainer, callbacks = build_trainer(model, ref_model, tokenizer, model_args, train_args, data, checked)
     trainer.recorded_settings = settings

@@ -200,7 +200,9 @@ def summary(data_args, model_args, train_args, n_train: int, n_test: int, num_so
     length = f"{steps} steps" + (f" ({epochs:g} epoch{'s' * (epochs != 1)})" if train_args.max_steps <= 0 else "")
     evaluation = "off (no held-out set)"
     if n_test:
-        evaluation = f"{n_test} held-out pairs, before training, every {train_args.eval_steps:g} steps and at the end"
+        # a resumed run has its evaluation before training in the checkpoint's history (eval_on_start is then off)
+        before = "before training, " if train_args.eval_on_start else ""
+        evaluation = f"{n_test} held-out pairs, {before}every {train_args.eval_steps:g} steps and at the end"
         if train_args.num_sample_prompts:
             evaluation += f"; {train_args.num_sample_prompts} sample prompts"
     precision = "bf16" if train_args.bf16 else "fp16" if train_args.fp16 else "fp32"

@@ -215,6 +215,10 @@ def test_summary_is_short_and_says_where_to_look(model_dir):
     assert "7 steps" in text and "100 train pairs" in text and "20 held-out pairs" in text
     assert "ALPHA 1 x ref_distill (top-16 teacher, sequence_sum)" in text and "BETA 0.05" in text
     assert "tensorboard --logdir logs" in text and "#custom_scalars" in text
+    assert "20 held-out pairs, before training, every" in text
+    train.eval_on_start = False  # a resumed run: its evaluation before training is in the checkpoint's history
+    text = report.summary(data, model, train, n_train=100, n_test=20, num_soft_tokens=0)
+    assert "20 held-out pairs, every" in text and "before training" not in text
 
 
 def test_tensorboard_command_names_the_run_after_run_name():
