@@ -16,6 +16,17 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
+def _leave_process_group() -> None:
+    """Every rank, after a run they all finished: leave the process group together. A rank that exits while
+    another still holds the gloo group can abort in C++ at exit ("terminate called without an active exception",
+    exit status 250 after a complete run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     # Heavy imports stay inside main() so that `--help` and bad-input errors come back quickly.
     from preference_dpo.config import parse_args
@@ -41,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         attach_log_file(train_args.log_file, _is_main_process())
         log_settings(data_args, model_args, train_args)
         run(data_args, model_args, train_args)
+        _leave_process_group()
     except UserInputError as e:
         # Every rank parses the same arguments: the main process alone says what is wrong with them. A later
         # problem may be one rank's own, so every rank reports those.
