@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .checkpoints import last_complete_checkpoint, mark_complete, resolve_resume, resume_settings
+from .checkpoints import last_complete_checkpoint, mark_complete, resolve_resume
 from .errors import NonFiniteLossError, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class FaultTolerantTrainer:
 
     nonfinite_batches_skipped = 0  # this process's count of batches skipped with SKIP_NONFINITE_BATCHES
     # what each checkpoint records of the run (`checkpoints.resume_settings`), set by the stage from its settings
-    # as parsed, before the trainer could adjust any
+    # as parsed, before the trainer could adjust any (None: nothing recorded, so a resume checks nothing)
     recorded_settings: dict | None = None
 
     def _finite_or_skipped(self, loss: torch.Tensor, what: Callable[[], str], advice: str) -> torch.Tensor:
@@ -115,7 +115,7 @@ class FaultTolerantTrainer:
         if self.args.should_save:
             mark_complete(
                 f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}",
-                self.recorded_settings if self.recorded_settings is not None else resume_settings(self.args),
+                self.recorded_settings,
             )
         self.accelerator.wait_for_everyone()
 

@@ -515,24 +515,23 @@ def train_logps(log_history: list[dict]) -> list[tuple[int, float]]:
 TRAIN_BEFORE_KEY = "train_logps_chosen_before"  # the trainer's history entry of the baseline below
 
 
-def collapse_baseline(log_history: list[dict]) -> tuple[str, float] | None:
-    """(where, logp(chosen)) to measure the fall from: the training pairs before training where the run recorded it
-    (`CollapseWatch.before`; the first training log averages a whole logging window, by which a fast collapse is
-    done), else the first training log."""
-    for entry in log_history:
-        if TRAIN_BEFORE_KEY in entry:
-            return "before training", entry[TRAIN_BEFORE_KEY]
-    logged = train_logps(log_history)
-    return (f"at step {logged[0][0]}", logged[0][1]) if logged else None
+def recorded_before(log_history: list[dict]) -> float | None:
+    """The training pairs' logp(chosen) before training, where the run recorded it (`CollapseWatch.before`)."""
+    return next((e[TRAIN_BEFORE_KEY] for e in log_history if TRAIN_BEFORE_KEY in e), None)
 
 
 def collapse_line(log_history: list[dict]) -> str | None:
     """The report's warning when logp(chosen) on the training pairs fell as a collapsing model's does (a run
-    without a held-out set included)."""
-    logged, baseline = train_logps(log_history), collapse_baseline(log_history)
-    if not logged or baseline is None or (baseline[0].startswith("at step") and len(logged) < 2):
+    without a held-out set included). Measured from before training where the run recorded it (the first training
+    log averages a whole logging window, by which a fast collapse is done), else from the first training log."""
+    logged, before = train_logps(log_history), recorded_before(log_history)
+    if before is not None and logged:
+        where, first = "before training", before
+    elif len(logged) >= 2:
+        where, first = f"at step {logged[0][0]}", logged[0][1]
+    else:
         return None
-    (where, first), (last_step, last) = baseline, logged[-1]
+    last_step, last = logged[-1]
     if not collapse_fall(first, last):
         return None
     return (
@@ -559,10 +558,10 @@ class CollapseWatch(TrainerCallback):
             return
         if self.first is None:
             # kept in the trainer's history, which checkpoints keep: a resumed run measures from the same value
-            if self.before is not None and not any(TRAIN_BEFORE_KEY in e for e in state.log_history):
+            if self.before is not None and recorded_before(state.log_history) is None:
                 state.log_history.insert(0, {"step": 0, TRAIN_BEFORE_KEY: self.before})
-            baseline = collapse_baseline(state.log_history)
-            self.first = baseline if baseline is not None and baseline[0] == "before training" else None
+            before = recorded_before(state.log_history)
+            self.first = ("before training", before) if before is not None else None
         if self.first is None:
             self.first = (f"at step {state.global_step}", value)
         elif collapse_fall(self.first[1], value) and state.is_world_process_zero:

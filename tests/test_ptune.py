@@ -20,7 +20,7 @@ from preference_dpo.views import tokenize_views
 
 from .conftest import REPO
 from .test_end_to_end import run_launcher
-from .test_reliability import common, no_weights, run_main  # noqa: F401 (fixtures)
+from .test_reliability import common, kill_at_step, no_weights, run_main  # noqa: F401 (fixtures)
 
 TEXT = "Please provide a helpful, honest, harmless and concise answer."
 PAIRS = [
@@ -312,14 +312,7 @@ def test_killed_ptune_stage_resumes_and_matches_uninterrupted(common, capsys, tm
     reference = [*common, *steps, "--ptune_output_dir", str(tmp_path / "ref")]
     assert run_main(reference, capsys)[0] == 0
 
-    original = SoftPromptTrainer.training_step
-
-    def killed_at_step_3(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise SystemExit("simulated SIGKILL: no chance to save")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SoftPromptTrainer, "training_step", killed_at_step_3)
+    original = kill_at_step(monkeypatch, SoftPromptTrainer)
     argv = [*common, *steps, "--ptune_output_dir", str(tmp_path / "prompt")]
     with pytest.raises(SystemExit):
         run_main(argv, capsys)

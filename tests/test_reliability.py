@@ -50,6 +50,20 @@ def run_main(argv, capsys, full_log=False):
     return (code, errors, err) if full_log else (code, errors)
 
 
+def kill_at_step(monkeypatch, trainer_class, step: int = 3):
+    """Make `trainer_class` die (SystemExit) as it starts training step `step`, as a SIGKILL would, with no chance to
+    save; the original `training_step`, returned, puts it back."""
+    original = trainer_class.training_step
+
+    def killed(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise SystemExit("simulated SIGKILL: no chance to save")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "training_step", killed)
+    return original
+
+
 # --- bad input: one line, exit 2, no traceback, before weights load ---------------------------------
 
 
@@ -240,14 +254,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(common, capsys, tmp_path, 
     assert run_main(reference_args, capsys)[0] == 0
     assert json.loads((tmp_path / "ref" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
 
-    original = PreferenceGuidedDPOTrainer.training_step
-
-    def killed_at_step_3(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise SystemExit("simulated SIGKILL: no chance to save")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", killed_at_step_3)
+    original = kill_at_step(monkeypatch, PreferenceGuidedDPOTrainer)
     with pytest.raises(SystemExit):
         run_main([*common, *steps], capsys)
     out = tmp_path / "out"
@@ -279,14 +286,7 @@ def test_resume_refuses_other_settings_and_resume_false_an_earlier_runs_checkpoi
     from preference_dpo.trainer import PreferenceGuidedDPOTrainer
 
     steps = ["--max_steps", "6", "--save_steps", "2", "--learning_rate", "1e-2"]
-    original = PreferenceGuidedDPOTrainer.training_step
-
-    def killed_at_step_3(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise SystemExit("simulated SIGKILL")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", killed_at_step_3)
+    kill_at_step(monkeypatch, PreferenceGuidedDPOTrainer)
     with pytest.raises(SystemExit):
         run_main([*common, *steps], capsys)
     checkpoint = tmp_path / "out" / "checkpoint-2"
@@ -330,14 +330,7 @@ def test_a_checkpoint_marked_before_settings_were_recorded_resumes(common, capsy
     from preference_dpo.trainer import PreferenceGuidedDPOTrainer
 
     steps = ["--max_steps", "4", "--save_steps", "2"]
-    original = PreferenceGuidedDPOTrainer.training_step
-
-    def killed_at_step_3(self, *args, **kwargs):
-        if self.state.global_step == 3:
-            raise SystemExit("simulated SIGKILL")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PreferenceGuidedDPOTrainer, "training_step", killed_at_step_3)
+    kill_at_step(monkeypatch, PreferenceGuidedDPOTrainer)
     with pytest.raises(SystemExit):
         run_main([*common, *steps], capsys)
     monkeypatch.undo()
