@@ -16,17 +16,6 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def _leave_process_group() -> None:
-    """Every rank, after a run they all finished: leave the process group together. A rank that exits while
-    another still holds the gloo group can abort in C++ at exit ("terminate called without an active exception",
-    exit status 250 after a complete run)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def main(argv: list[str] | None = None) -> int:
     # Heavy imports stay inside main() so that `--help` and bad-input errors come back quickly.
     from preference_dpo.config import parse_args
@@ -34,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     level = logging.INFO if _is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    parsed = False
+    parsed = finished = False
     try:
         data_args, model_args, train_args = parse_args(argv)
         parsed = True
@@ -52,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         attach_log_file(train_args.log_file, _is_main_process())
         log_settings(data_args, model_args, train_args)
         run(data_args, model_args, train_args)
-        _leave_process_group()
+        finished = True
     except UserInputError as e:
         # Every rank parses the same arguments: the main process alone says what is wrong with them. A later
         # problem may be one rank's own, so every rank reports those.
@@ -66,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"\ninterrupted: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        if "torch.distributed" in sys.modules:  # not for `--help` or an early error: nothing to leave
+            from preference_dpo.faults import leave_process_group
+
+            leave_process_group(finished)
     return 0
 
 

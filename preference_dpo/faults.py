@@ -75,6 +75,25 @@ def starting_checkpoint(args, clear_previous: Callable[[], None], settings: dict
     return resume_from
 
 
+def leave_process_group(finished: bool) -> None:
+    """Leave the process group before the interpreter shuts down, on every way out of a run. Left to exit,
+    gloo's worker threads can outlive the interpreter and abort the process in C++ ("terminate called without
+    an active exception": status 250, or SIGABRT) after a complete run or a clean error.
+
+    After a run every rank `finished`, the ranks leave together (a barrier first: one that left early made the
+    others abort). After an error none waits, since a rank-local error never reaches its peers: gloo's group is
+    freed locally; NCCL's is left to the launcher, as destroying it needs every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    elif dist.get_backend() != "gloo":
+        return
+    dist.destroy_process_group()
+
+
 # --- during training: NaN/Inf losses, complete checkpoints ---------------------------------------------------------
 
 
