@@ -546,6 +546,19 @@ def _pair_key(row: dict[str, Any]) -> str:
     return json.dumps([row["prompt"], responses], sort_keys=True, ensure_ascii=False)
 
 
+def warn_if_outside_chat_template(pairs, tokenizer, path: str) -> None:
+    """A warning for plain-text pairs and a model with a chat template: TRL applies the template to message lists
+    only, so such pairs train the model on raw text, outside the template it is served in (and the instruction
+    goes in front of the prompt's text, not in a system message)."""
+    if isinstance(pairs[0]["prompt"], str) and getattr(tokenizer, "chat_template", None):
+        logger.warning(
+            "The pairs in %s are plain text, and the model has a chat template: they train it outside the "
+            'template it answers in. Write each prompt and response as a list of messages ({"role": "user", '
+            '"content": ...}) to train within it.',
+            path,
+        )
+
+
 def load_train_and_test(data_args):
     """The train pairs and the test pairs (None without a test path) of `DataArguments`, checked together.
 

@@ -211,11 +211,13 @@ def tokenize(data_args, model_args, train_args, tokenizer, checked: Checked) -> 
     """Read the pairs, tokenize both views (or reuse them from the cache), and turn evaluation off without a test
     set; also the reference's weights key, read once on the main process."""
     from .cache import MODEL_DIGESTS_DIR, DatasetCache, reference_weights_key
-    from .data import load_train_and_test
+    from .data import load_train_and_test, warn_if_outside_chat_template
     from .faults import on_main_process
 
     settings = tokenize_settings(train_args, checked.num_soft_tokens)
     train_pairs, test_pairs = load_train_and_test(data_args)
+    if train_args.process_index == 0:
+        warn_if_outside_chat_template(train_pairs, tokenizer, data_args.train_dataset_path)
     cache = DatasetCache(Path(train_args.cache_dir), train_args.cache, Path(train_args.output_dir) / TOKENIZED_DIR)
     stamps = Path(train_args.cache_dir) / MODEL_DIGESTS_DIR if train_args.cache else None
     precision = (train_args.bf16, train_args.fp16)

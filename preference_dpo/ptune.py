@@ -478,11 +478,13 @@ class Tokenized:
 
 
 def tokenize(data_args, train_args, tokenizer) -> Tokenized:
-    from .data import load_train_and_test
+    from .data import load_train_and_test, warn_if_outside_chat_template
     from .views import tokenize_preference_dataset
 
     soft = tokenize_settings(train_args, train_args.num_virtual_tokens)
     train_pairs, test_pairs = load_train_and_test(data_args)
+    if train_args.process_index == 0:
+        warn_if_outside_chat_template(train_pairs, tokenizer, data_args.train_dataset_path)
     data = Tokenized(tokenize_preference_dataset(train_pairs, tokenizer, name="train", **soft))
     if test_pairs is None:
         return data

@@ -286,3 +286,19 @@ def test_string_prompt_is_checked_like_a_list_prompt():
 def test_null_is_reported_as_null():
     with pytest.raises(UserInputError, match=r"null_field.jsonl line 2: field 'rejected' is null"):
         load_preference_dataset(DATA / "null_field.jsonl")
+
+
+def test_plain_text_pairs_for_a_chat_model_are_warned(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from preference_dpo.data import warn_if_outside_chat_template
+
+    plain = load_preference_dataset(DATA / "identical_plain.jsonl")
+    conversational = load_preference_dataset(DATA / "identical_conversation.jsonl")
+    chat, base = SimpleNamespace(chat_template="{{ messages }}"), SimpleNamespace(chat_template=None)
+    warn_if_outside_chat_template(plain, chat, "pairs.jsonl")
+    assert "The pairs in pairs.jsonl are plain text, and the model has a chat template" in caplog.text
+    caplog.clear()
+    warn_if_outside_chat_template(plain, base, "pairs.jsonl")  # a base model: raw text is its shape
+    warn_if_outside_chat_template(conversational, chat, "pairs.jsonl")  # message lists: rendered in the template
+    assert caplog.text == ""
