@@ -462,6 +462,11 @@ def transfer_line(before: dict, after: dict) -> str | None:
             f"{share:.1f}x the instruction's effect, more than the instruction itself does: DPO on these pairs moved "
             "this margin past it, so it says nothing about the instruction (the instruction gap does)."
         )
+    if share < 0:  # e.g. an instruction that lowers the margin, which DPO raises
+        return head + (
+            "the margin moved the other way from the instruction's effect: DPO on these pairs moves it too, so it "
+            "says nothing about the instruction (the instruction gap does)."
+        )
     return head + (
         f"{share:.0%} of the instruction's effect now shows without it (DPO on these pairs moves this margin too: "
         "compare a run with ALPHA=0)."
