@@ -84,3 +84,19 @@ def test_a_finished_run_is_reused_on_its_own_settings_only(tmp_path, monkeypatch
     (folder / "result.json").write_text(json.dumps({"fingerprint": key, "facts": 0.5}))
     assert run.finished(folder, key) == {"fingerprint": key, "facts": 0.5}
     assert run.finished(folder, "another") is None and run.finished(tmp_path / "none", key) is None
+
+
+def test_the_stricter_language_check_takes_out_spanish_and_italian_the_detector_counts_as_french():
+    """Answers the trained SmolLM2 gave (seed 2): the benchmark's detector flags all five as French."""
+    from bench.realmodel.detectors import is_french
+    from bench.realmodel.languages import reads_other_romance, split_shares
+
+    other = [
+        "La lucha para personas, esta especimos de la lucha específica, específica que puede ser la",
+        "Por acuerdos de la comunidad de la cualidad de la comunidad de la cualidad",
+        "Pagina dei perdusi e perdutamento di vita, il cibo di vita è uno dei motivi che vi è neces",
+    ]
+    french = ["La résumé de la réceau, cela peut être éché de la réceau", "La vie en rose, je ne sais qua leçon pas."]
+    assert all(map(is_french, other + french))
+    assert all(map(reads_other_romance, other)) and not any(map(reads_other_romance, french))
+    assert split_shares(other + french + ["The sky is blue."]) == (5 / 6, 3 / 6)
