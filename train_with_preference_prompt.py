@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         if "torch.distributed" in sys.modules:  # not for `--help` or an early error: nothing to leave
             from preference_dpo.faults import leave_process_group
 
-            leave_process_group(finished)
+            try:
+                leave_process_group(finished)
+            except Exception as e:  # the run's own outcome (its exit status) is what the user needs
+                logging.getLogger(__name__).warning("Leaving the process group failed: %s", e)
     return 0
 
 

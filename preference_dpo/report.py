@@ -464,8 +464,8 @@ def transfer_line(before: dict, after: dict) -> str | None:
         )
     if share < 0:  # e.g. an instruction that lowers the margin, which DPO raises
         return head + (
-            "the margin moved the other way from the instruction's effect: DPO on these pairs moves it too, so it "
-            "says nothing about the instruction (the instruction gap does)."
+            "training moved it the other way from the instruction's effect, so it says nothing about the "
+            "instruction (the instruction gap does)."
         )
     return head + (
         f"{share:.0%} of the instruction's effect now shows without it (DPO on these pairs moves this margin too: "

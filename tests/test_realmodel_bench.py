@@ -100,3 +100,6 @@ def test_the_stricter_language_check_takes_out_spanish_and_italian_the_detector_
     assert all(map(is_french, other + french))
     assert all(map(reads_other_romance, other)) and not any(map(reads_other_romance, french))
     assert split_shares(other + french + ["The sky is blue."]) == (5 / 6, 3 / 6)
+    # Spanish and Portuguese words with letters the detector's pattern lacks; "tu es" is French
+    assert reads_other_romance("La vida está bien, más o menos.") and reads_other_romance("Isso não é fácil.")
+    assert not reads_other_romance("Tu es très gentil et tu es là.")

@@ -188,8 +188,8 @@ def test_transfer_above_the_instructions_effect_and_a_grown_gap_are_said_as_such
     )
     lowering = report.transfer_line({"eval_margin_base": 2.0, "eval_margin_guided": 1.0}, {"eval_margin_base": 3.0})
     assert lowering.endswith(
-        "the margin moved the other way from the instruction's effect: DPO on these pairs "
-        "moves it too, so it says nothing about the instruction (the instruction gap does)."
+        "was 1.00: training moved it the other way from the instruction's effect, so it says nothing about the "
+        "instruction (the instruction gap does)."
     )
     assert "-100%" not in lowering
     assert report.closed_share(0.1, 0.104) == (

@@ -6,9 +6,9 @@
 ("la", "de", "que", "en", "il"): a degenerate answer such as "La lucha para personas está fácil para todos." or
 "Pagina dei perdusi e perdutamento di vita, il cibo di vita è uno dei motivi" passes. This
 regenerates each kept run's greedy answers to the held-out questions without the instruction (as `measure.py`
-does), checks that the benchmark's detector gives the share the run recorded, and counts the flagged answers
+does), stops unless the benchmark's detector gives the share the run recorded, and counts the flagged answers
 that read as Spanish, Portuguese or Italian instead (as many of their own function words and accents as of
-French's own).
+French's own). Every share in the table is of all 40 answers.
 The instructed base model's answers (`base.json`) are checked the same way. Only runs trained on this machine
 keep an adapter; the others were restored from results.json.
 """
@@ -24,18 +24,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.realmodel.detectors import _WORD, FRENCH_WORDS, is_french  # noqa: E402
+from bench.realmodel.detectors import FRENCH_WORDS, is_french  # noqa: E402
 
 # The detector's French words that Spanish, Portuguese or Italian use too, and accents French shares with them.
 SHARED_WORDS = frozenset("la de que en un il son sa se ou".split())
 FRENCH_ONLY_ACCENTS = re.compile(r"[âçéêëîïôûœæ]", re.IGNORECASE)
 # Function words of Spanish, Portuguese and Italian that French does not use; accents French does not write.
 OTHER_WORDS = frozenset(
-    "el los las una es para por con del muy pero como esta este esto puede más está también "  # Spanish
+    "el los las una para por con del muy pero como esta este esto puede más está también "  # Spanish
     "não uma os ao em com são é muito você isso "  # Portuguese
     "di dei della delle che è uno per sono gli questo questa anche molto più".split()  # Italian
 )
 OTHER_ACCENTS = re.compile(r"[áíóúñãõìò]", re.IGNORECASE)
+# Words with every letter of the four languages (the detector's own pattern lacks á ñ ã ...: "está" read as "est").
+_WORD = re.compile(r"[a-zàâçéèêëîïôûùüÿœæáíóúñãõìò']+", re.IGNORECASE)
 
 
 def reads_other_romance(text: str) -> bool:
@@ -48,7 +50,8 @@ def reads_other_romance(text: str) -> bool:
 
 
 def split_shares(answers: list[str]) -> tuple[float, float]:
-    """(share the benchmark's detector flags French, share of them that reads as Spanish, Portuguese or Italian)."""
+    """(share of the answers the benchmark's detector flags French, share of the answers flagged so that read as
+    Spanish, Portuguese or Italian): both shares of all the answers."""
     flagged = [a for a in answers if is_french(a)]
     return len(flagged) / len(answers), sum(map(reads_other_romance, flagged)) / len(answers)
 
@@ -82,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         model = PeftModel.from_pretrained(model, folder / "adapter").merge_and_unload().eval()
         answers = measure.generate(model, tokenizer, texts, MAX_NEW_TOKENS)
         rows.append((result["arm"], result["seed"], *split_shares(answers), result["greedy"]["french"]))
-    print("| answers | seed | flagged French | of which Spanish, Portuguese or Italian | French | recorded |")  # noqa: T201
+        if abs(rows[-1][2] - rows[-1][4]) > 1e-9:  # not the answers the run was measured on
+            raise SystemExit(
+                f"{folder}: the detector flags {rows[-1][2]:.3f} of the regenerated answers French, the "
+                f"run recorded {rows[-1][4]:.3f}; regenerate on the machine that trained it."
+            )
+    print("| answers | seed | flagged French | flagged, but Spanish, Portuguese or Italian | French | recorded |")  # noqa: T201
     print("|---|---|---|---|---|---|")  # noqa: T201
     for name, seed, flagged, other, recorded in rows:
         shown = "-" if recorded is None else f"{recorded:.3f}"
