@@ -7,7 +7,8 @@
 embedded tokenizer, on the first 200 embedded training pairs, one epoch. `--config tiny`: the embedded
 model and data. A first run fills a fresh cache; then reruns alternate, `CACHE=true` and `CACHE=false`,
 each with another ALPHA and RUN_NAME. Each run's wall time (the launcher, end to end) and its setup time
-(tokenizing, loading, reference pass: the report's figure) are recorded, with the load average.
+(tokenizing, loading, reference pass: the report's figure) are recorded, with the load average, and whether the
+reference pass and the default form's top-K teacher pass were reused.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def run(work: Path, name: str, env: dict) -> dict:
         "wall_s": round(wall, 1),
         "setup_s": float(setup.group(1)) if setup else None,
         "reference_pass_reused": "no reference pass" in result.stdout,
+        "teacher_pass_reused": "no teacher pass" in result.stdout + result.stderr,  # the default ref_distill's
         "load_before": round(load, 2),
         "load_after": round(os.getloadavg()[0], 2),
     }

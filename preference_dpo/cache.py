@@ -18,7 +18,8 @@ data) come out the same. This module owns what they are keyed on, and nothing el
   so SEED or LORA_R would recompute the reference; and not the in-memory weights, which ZeRO-3 has already
   sharded. TRL's own reference precompute uses the same formula (dataset fingerprint, model hash; the
   trainer hands it the reference key) and keeps its file next to the data set, so a cached data set
-  carries its reference log-probs with it. The teacher store (`teacher.py`) is keyed on the same key.
+  carries its reference log-probs with it. The top-K teacher store (`teacher.py`, `CACHE_DIR/teacher`) is keyed
+  on the same reference key, the pairs' token ids, K, this package's source and the library versions.
 
 None of BETA, ALPHA, the learning rate or the steps is in any key: nothing cached depends on them.
 The batch size and device of the reference pass are not either: they change float rounding only.

@@ -7,14 +7,17 @@ responses (the target of `aligned_active_frac`). Training steps then run no teac
 
 This module owns the store: its key, its files and their reuse.
 - Key: a hash of everything the teacher depends on: the token ids of both views of every pair (the
-  instruction is in them), the reference's weights, K, the soft prompt (embedding mode) and the format.
-  Anything else gives another folder; other stores of the same data set are removed when a new one is made.
-- Files: `<output_dir>/.teacher/<name>-<key>/shard-<i>.arrow`, one Arrow file per `SHARD_PAIRS` consecutive
-  pairs, memory-mapped by every rank and joined to the data set as extra columns (as TRL joins its
-  reference log-probs). Ranks compute disjoint shards (rank r: shards r, r + W, ...) into the shared folder.
+  instruction is in them), the reference's weights, K, the soft prompt (embedding mode), the format, this
+  package's source and the library versions. Anything else gives another folder.
+- Files: `<folder>/<name>-<key>/shard-<i>.arrow`, one Arrow file per `SHARD_PAIRS` consecutive pairs,
+  memory-mapped by every rank and joined to the data set as extra columns (as TRL joins its reference
+  log-probs). Ranks compute disjoint shards (rank r: shards r, r + W, ...) into the shared folder.
+- Where: with the cache on, `CACHE_DIR/teacher/` (`CACHE_TEACHER_DIR`), kept like every cache entry, so a
+  rerun with another seed, learning rate, ALPHA or LoRA setting runs no teacher pass; with `CACHE=false`,
+  `<output_dir>/.teacher/` (`TEACHER_DIR`), where a new store replaces the data set's older ones and the
+  pipeline removes the folder once the run has finished.
 - Resume: a shard is written to a temporary file and renamed once complete. A precompute that was killed
   resumes with the missing shards, and a rerun after a kill (training resumes) reuses the whole store.
-  The pipeline removes the folder once the run has finished.
 
 Per pair, `teacher_chosen` and `teacher_rejected` hold one response each, as bytes: int32 K, then the ids
 ([n, K] int32), their log-probs ([n, K] float32) and log q_R ([n] float32) of its n positions.
@@ -37,7 +40,8 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-TEACHER_DIR = ".teacher"  # under output_dir
+TEACHER_DIR = ".teacher"  # under output_dir, with the cache off
+CACHE_TEACHER_DIR = "teacher"  # under cache_dir
 TEACHER_COLUMNS = ("teacher_chosen", "teacher_rejected")
 SHARD_PAIRS = 256  # pairs per shard file: the unit a killed precompute resumes from
 FORMAT_VERSION = 1
@@ -112,8 +116,13 @@ def content_hash(dataset, columns: tuple[str, ...] = KEY_COLUMNS) -> str:
 
 
 def store_key(dataset, top_k: int, model_hash: str, soft_prompt: torch.Tensor | None) -> str:
+    from importlib.metadata import version
+
+    from .cache import KEY_LIBRARIES, source_digest
+
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT_VERSION, "top_k": top_k, "model": model_hash}).encode())
+    code = {"source": source_digest(), "versions": {name: version(name) for name in KEY_LIBRARIES}}
+    h.update(json.dumps({"format": FORMAT_VERSION, "top_k": top_k, "model": model_hash, **code}).encode())
     h.update(content_hash(dataset).encode())
     if soft_prompt is not None:
         h.update(soft_prompt.detach().to(torch.float32).cpu().numpy().tobytes())
@@ -129,11 +138,14 @@ def precompute_columns(
     batch_size: int,
     score: Callable[[list[dict[str, Any]]], dict[str, list]],
     accelerator,
+    replace_others: bool = True,
 ):
     """`dataset` with the columns `score` returns per pair, computed once into `folder/<name>-<key>/`.
 
     `score(examples)` returns, for a list of pairs, a dict of equally long per-pair value lists. Every rank
     computes its shards and then reads all of them; a shard already on disk is not computed again.
+    `replace_others`: remove the folder's other stores of `name` (a run's own folder; not the shared cache,
+    whose entries other runs use).
     """
     from datasets import Dataset, concatenate_datasets
     from datasets.arrow_writer import ArrowWriter
@@ -141,14 +153,16 @@ def precompute_columns(
     store = Path(folder) / f"{name}-{key}"
     n_shards = -(-len(dataset) // SHARD_PAIRS)
     if accelerator.is_main_process:
-        for stale in Path(folder).glob(f"{name}-*") if Path(folder).is_dir() else ():
+        for stale in Path(folder).glob(f"{name}-*") if replace_others and Path(folder).is_dir() else ():
             if stale != store:
                 logger.info("Removing the outdated teacher store %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
         store.mkdir(parents=True, exist_ok=True)
-        (store / "meta.json").write_text(
+        meta = store / f".meta.json.{os.getpid()}.tmp"  # two runs sharing the cache may write it at once
+        meta.write_text(
             json.dumps({"format": FORMAT_VERSION, "pairs": len(dataset), "shard_pairs": SHARD_PAIRS}) + "\n"
         )
+        os.replace(meta, store / "meta.json")
     accelerator.wait_for_everyone()
 
     def shard_path(index: int) -> Path:
@@ -156,7 +170,9 @@ def precompute_columns(
 
     mine = range(accelerator.process_index, n_shards, accelerator.num_processes)
     todo = [i for i in mine if not shard_path(i).exists()]
-    if len(todo) < len(mine):
+    if not todo and mine:
+        logger.info("Reused the top-K teacher of the %s pairs: no teacher pass (%s)", name, store)
+    elif len(todo) < len(mine):
         logger.info("Teacher store %s: reusing %d of %d shards", store, len(mine) - len(todo), len(mine))
     # one bar on the main process, in pairs (its own shards: the ranks share the work evenly), not a line per shard
     pairs = sum(min(SHARD_PAIRS, len(dataset) - i * SHARD_PAIRS) for i in todo)

@@ -375,7 +375,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         """The reference's top-K guided teacher of every pair, once, as new columns (`teacher.py`)."""
         from accelerate.utils import broadcast_object_list
 
-        from .teacher import TEACHER_DIR, precompute_columns, split_rows, store_key
+        from .teacher import CACHE_TEACHER_DIR, TEACHER_DIR, precompute_columns, split_rows, store_key
 
         policy = self._precompute_policy()
         key = [store_key(dataset, self.args.distill_top_k, self._reference_key(), self.prompt_embedding)]
@@ -399,13 +399,18 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
                 REFERENCE_GUIDED_COLUMNS[1]: reference.rejected.float().tolist(),
             }  # fmt: skip
 
+        # In the cache, a rerun with another seed, learning rate or ALPHA skips the teacher pass, as TRL's reference
+        # pass is skipped; without it, the run's own folder (kept for a resume, removed when the run finishes).
+        cached = self.args.cache
+        folder = os.path.join(self.args.cache_dir, CACHE_TEACHER_DIR) if cached else os.path.join(
+            self.args.output_dir, TEACHER_DIR)  # fmt: skip
         was_training = self.model.training
         self.model.eval()
         with random_state_kept():
             dataset = precompute_columns(
-                dataset, name=name, folder=os.path.join(self.args.output_dir, TEACHER_DIR), key=key[0],
-                batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size, score=score,
-                accelerator=self.accelerator,
+                dataset, name=name, folder=folder, key=key[0], score=score, accelerator=self.accelerator,
+                batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size,
+                replace_others=not cached,
             )  # fmt: skip
         self.model.train(was_training)
         logger.info(

@@ -146,7 +146,8 @@ def test_teacher_store_holds_the_reference_top_k_and_resumes_after_a_kill(
     from preference_dpo import teacher as teacher_module
 
     monkeypatch.setattr(teacher_module, "SHARD_PAIRS", 3)  # 8 pairs: shards of 3, 3 and 2
-    settings = {"alpha": ALPHA, "align_loss": "ref_distill", "distill_top_k": 8}
+    # CACHE=false: the store is the run's own (in the cache: the next test)
+    settings = {"alpha": ALPHA, "align_loss": "ref_distill", "distill_top_k": 8, "cache": False}
     trainer = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, **settings)
     (store,) = (tmp_path / "out" / teacher_module.TEACHER_DIR).glob("train-*")
     shards = sorted(store.glob("shard-*.arrow"))
@@ -187,6 +188,49 @@ def test_teacher_store_holds_the_reference_top_k_and_resumes_after_a_kill(
     make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, **{**settings, "distill_top_k": 4})
     (new_store,) = (tmp_path / "out" / teacher_module.TEACHER_DIR).glob("train-*")
     assert new_store != store and not store.exists()
+    assert not (tmp_path / "cache" / teacher_module.CACHE_TEACHER_DIR).exists()  # the cache is off
+
+
+def test_teacher_store_in_the_cache_is_reused_by_a_rerun_with_other_training_settings(
+    tiny_model_dir, tokenizer, pairs, tmp_path, monkeypatch, caplog
+):
+    """With the cache on, the store is a cache entry: another learning rate, ALPHA or adapter runs no teacher
+    pass (no guided forward of the reference), reads the same rows, and another K adds a store beside it."""
+    import logging
+
+    from preference_dpo import teacher as teacher_module
+    from preference_dpo.trainer import PreferenceGuidedDPOTrainer
+
+    guided_forwards = []
+    original = PreferenceGuidedDPOTrainer._guided_logps
+    monkeypatch.setattr(
+        PreferenceGuidedDPOTrainer, "_guided_logps",
+        lambda self, *a, **k: guided_forwards.append(1) or original(self, *a, **k),
+    )  # fmt: skip
+    settings = {"align_loss": "ref_distill", "distill_top_k": 8}
+    first = make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, **settings)
+    cache = tmp_path / "cache" / teacher_module.CACHE_TEACHER_DIR
+    (store,) = cache.glob("train-*")
+    assert not (tmp_path / "out" / teacher_module.TEACHER_DIR).exists()
+    assert len(guided_forwards) == 3  # the teacher pass: 2 batches of the 8 train pairs, 1 of the 4 test pairs
+    written = {p.name: p.stat().st_mtime_ns for p in store.glob("shard-*.arrow")}
+    columns = first.train_dataset[:]["teacher_chosen"]
+
+    guided_forwards.clear()
+    caplog.set_level(logging.INFO, logger="preference_dpo.teacher")
+    torch.manual_seed(1)
+    again = make_trainer(
+        tiny_model_dir, tokenizer, pairs, tmp_path, alpha=1.0, **settings, lora_r=8, learning_rate=3e-4
+    )  # fmt: skip
+    assert guided_forwards == []  # no teacher pass
+    assert {p.name: p.stat().st_mtime_ns for p in store.glob("shard-*.arrow")} == written
+    assert again.train_dataset[:]["teacher_chosen"] == columns
+    assert "Reused the top-K teacher of the train pairs: no teacher pass" in caplog.text
+
+    # another K is another entry; the cache keeps the first (another run may use it)
+    make_trainer(tiny_model_dir, tokenizer, pairs, tmp_path, alpha=ALPHA, **{**settings, "distill_top_k": 4})
+    assert len(list(cache.glob("train-*"))) == 2 and store.exists()
+    assert len(guided_forwards) == 3
 
 
 @pytest.mark.parametrize(

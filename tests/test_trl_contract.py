@@ -111,7 +111,8 @@ def make_trainer(
         report_to="none",
         seed=0,
         dataloader_num_workers=0,
-        **_settings_written_against(overrides),
+        # the top-K teacher store lives in the cache when it is on
+        **{"cache_dir": str(tmp_path / "cache"), **_settings_written_against(overrides)},
     )
     model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), lora_dropout=lora_dropout, lora_r=lora_r)
     k = 0 if soft is None else soft.shape[0]
