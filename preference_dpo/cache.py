@@ -33,6 +33,7 @@ decisions to reuse a precomputed column are the main process's, broadcast to all
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -71,8 +72,13 @@ def digest_path(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
 def source_digest() -> str:
-    """This package's source: a change to how pairs are read, tokenized or scored invalidates every entry."""
+    """This package's source: a change to how pairs are read, tokenized or scored invalidates every entry.
+
+    Read once per process, so that every entry a run writes carries the source it imported, even when a file is
+    edited while it runs (the tokenized pairs and the teacher store would otherwise get different digests).
+    """
     digest = hashlib.sha256()
     for file in sorted(PACKAGE_DIR.glob("*.py")):
         digest.update(file.name.encode())

@@ -266,8 +266,8 @@ class PreferenceDPOConfig(DPOConfig):
     cache: bool = field(
         default=True,
         metadata={
-            "help": "Reuse the tokenized views and the reference log-probs of an earlier run with the same data, "
-            "model, tokenizer and instruction (`--no_cache` or `--cache false`: recompute, keep nothing)."
+            "help": "Reuse the tokenized views, the reference log-probs and the top-K teacher of an earlier run with the "
+            "same data, model, tokenizer and instruction (`--no_cache` or `--cache false`: recompute, keep nothing)."
         },
     )
     cache_dir: str = field(
