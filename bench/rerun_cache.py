@@ -2,10 +2,12 @@
 
     python3 bench/rerun_cache.py                 # about 15 min on 2 busy CPU cores; writes bench/results/rerun_cache_large.json
     python3 bench/rerun_cache.py --config tiny   # the embedded demo (build tiny_model/ first: ./fast_train.sh)
+    python3 bench/rerun_cache.py --config smollm2 --repeats 1   # DEMO=smollm2 cut to 2 steps: ~12 min
 
 `--config large`: a random-weight Qwen2 of hidden 512, 8 layers (8 heads, 2 KV heads, MLP 1536) with the
 embedded tokenizer, on the first 200 embedded training pairs, one epoch. `--config tiny`: the embedded
-model and data. A first run fills a fresh cache; then reruns alternate, `CACHE=true` and `CACHE=false`,
+model and data. `--config smollm2`: `DEMO=smollm2` (the real model, its pairs and held-out set, evaluation
+before and after) cut to `MAX_STEPS=2`, since what differs between the runs is the setup. A first run fills a fresh cache; then reruns alternate, `CACHE=true` and `CACHE=false`,
 each with another ALPHA and RUN_NAME. Each run's wall time (the launcher, end to end) and its setup time
 (tokenizing, loading, reference pass: the report's figure) are recorded, with the load average, and whether the
 reference pass and the default form's top-K teacher pass were reused.
@@ -68,7 +70,7 @@ def run(work: Path, name: str, env: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=("large", "tiny"), default="large")
+    parser.add_argument("--config", choices=("large", "tiny", "smollm2"), default="large")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 "POLICY_MODEL_PATH": str(large_model(work / "model")),
                 "TRAIN_DATASET_PATH": str(work / "train.jsonl"),
             }
+        elif args.config == "smollm2":
+            env |= {"DEMO": "smollm2", "MAX_STEPS": "2"}
         runs = [run(work, "first", {**env, "ALPHA": "0.1"})]
         for i in range(args.repeats):
             for cache in ("true", "false"):
