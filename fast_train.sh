@@ -49,7 +49,8 @@ PREFERENCE_POSITION="${PREFERENCE_POSITION:-system}"  # system | user (conversat
 PROMPT_EMBEDDING_PATH="${PROMPT_EMBEDDING_PATH:-}"    # embedding mode: /path/to/prompt_embeddings.pt
 # ALIGN_LOSS: ref_distill (default: distils the frozen model WITH the instruction into the policy WITHOUT it; the
 # form that transferred the instruction in every benchmark) | hinge (the user guide's original form; in the
-# benchmarks it did what plain DPO does) | ref_hinge | distill | onpolicy_distill. README: "Which ALIGN_LOSS?"
+# benchmarks it did what plain DPO does) | ref_hinge | distill | onpolicy_distill | context_distill (the frozen model's
+# own answers WITH the instruction, distilled into the policy WITHOUT it). README: "Which ALIGN_LOSS?"
 ALIGN_LOSS="${ALIGN_LOSS:-ref_distill}"
 DISTILL_TOP_K="${DISTILL_TOP_K:-}"        # ref_distill: the teacher's top K tokens, precomputed; empty: 16; 0: exact KL
 DISTILL_REDUCTION="${DISTILL_REDUCTION:-}"  # distill, ref_distill: token_mean | sequence_sum; empty: the form's own
@@ -58,7 +59,7 @@ DISTILL_ON_POLICY_FRAC="${DISTILL_ON_POLICY_FRAC:-1}"  # onpolicy_distill: share
 # Core training parameters
 BETA="${BETA:-0.05}"                      # DPO temperature (0.01-0.5; smaller = more conservative)
 ALPHA="${ALPHA:-}"                        # aligned-loss weight; empty: the form's own (ref_distill, distill,
-#   onpolicy_distill: 1; hinge, ref_hinge: 0.1, the user guide's 0.05-0.2 is for these); 0 = plain DPO
+#   onpolicy_distill, context_distill: 1; hinge, ref_hinge: 0.1, the user guide's 0.05-0.2 is for these); 0 = plain DPO
 LEARNING_RATE="${LEARNING_RATE:-5e-4}"    # 1e-5 to 1e-3. ref_distill holds 2-4x what plain DPO tolerates
 NUM_EPOCHS="${NUM_EPOCHS:-1}"             # 1-3 is usually enough
 MAX_STEPS="${MAX_STEPS:--1}"              # > 0 overrides NUM_EPOCHS
@@ -267,7 +268,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$SCRIPT_DIR/.cache/torch_ex
 
 # ZeRO-3 shards the LM head's weight outside its forward, where the KL forms score hidden states; refused here for
 # the variable (the entry point refuses it too, --align_loss included, but only after DeepSpeed has started ranks).
-if [[ "$ZERO_STAGE" == 3 && " ref_distill distill onpolicy_distill " == *" $ALIGN_LOSS "* ]]; then
+if [[ "$ZERO_STAGE" == 3 && " ref_distill distill onpolicy_distill context_distill " == *" $ALIGN_LOSS "* ]]; then
   die "ALIGN_LOSS=$ALIGN_LOSS is not supported with ZeRO-3 (ZERO_STAGE=3) yet: use ZERO_STAGE=2, or" \
     "ALIGN_LOSS=ref_hinge or hinge with ZeRO-3."
 fi

@@ -35,6 +35,10 @@ class PreferenceViewsCollator(DataCollatorForPreference):
             from .teacher import collate_teacher
 
             batch.update(collate_teacher(examples))
+        if "context_answer_ids" in examples[0]:  # ALIGN_LOSS=context_distill: the reference's instructed answers
+            answers = [torch.tensor(ex["context_answer_ids"]) for ex in examples]
+            batch["guided_context_answer_ids"] = pad(answers, padding_value=self.pad_token_id, padding_side="right")
+            batch["guided_context_answer_lengths"] = torch.tensor([len(a) for a in answers])
         if self.guided_forward == "shared_prompt":
             batch.update(self._shared_prompt_view(examples))
             return batch

@@ -129,7 +129,8 @@ class PreferenceDPOConfig(DPOConfig):
         default=None,
         metadata={
             "help": "ALPHA: weight of the aligned loss; 0 is plain DPO (the guided view is then skipped). Empty: the "
-            "form's own scale, 1 for ref_distill, distill and onpolicy_distill, 0.1 for hinge and ref_hinge."
+            "form's own scale, 1 for ref_distill, distill, onpolicy_distill and context_distill, 0.1 for hinge and "
+            "ref_hinge."
         },
     )
     align_loss: str = field(
@@ -206,8 +207,8 @@ class PreferenceDPOConfig(DPOConfig):
     on_policy_max_new_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "ALIGN_LOSS=onpolicy_distill: the longest answer, in tokens. Default: the longest chosen "
-            "response of the training pairs."
+            "help": "ALIGN_LOSS=onpolicy_distill and context_distill: the longest answer, in tokens. Default: the "
+            "longest chosen response of the training pairs."
         },
     )
     on_policy_divergence: str = field(
@@ -583,11 +584,11 @@ def _on_policy_problems(model: ModelArguments, train: PreferenceDPOConfig, zero_
         problems.append(f"--on_policy_max_new_tokens must be >= 1; got {train.on_policy_max_new_tokens}.")
     if train.on_policy_divergence == "jsd" and not 0.0 < train.on_policy_jsd_beta < 1.0:
         problems.append(f"--on_policy_jsd_beta must be in (0, 1); got {train.on_policy_jsd_beta:g}.")
-    if train.align_loss == "onpolicy_distill":
-        form = f"{describe('align_loss')}=onpolicy_distill"
+    if train.align_loss in ("onpolicy_distill", "context_distill"):
+        form = f"{describe('align_loss')}={train.align_loss}"
         if zero_stage == 3:  # the reference's passes with hidden states, as exact ref_distill's
             problems.append(f"{form} is not supported with ZeRO-3 (ZERO_STAGE=3) yet.")
-        if train.guided_forward != "shared_prompt":
+        if train.guided_forward != "shared_prompt":  # the answers are generated after the guided prompts' layout
             problems.append(f"{form} needs --guided_forward shared_prompt.")
         if not model.use_peft and not model.reference_model_path:
             problems.append(
@@ -641,6 +642,8 @@ _LARGE_ALPHA = {
     "token, and training can go unstable (docs/method.md). Watch logps_train/chosen.",
     "onpolicy_distill": "the divergence is summed over each answer, the scale of DPO's summed log-probs: ALPHA 1 "
     "is its usual weight (docs/method.md). Watch logps_train/chosen.",
+    "context_distill": "the KL is summed over each answer, the scale of DPO's summed log-probs: ALPHA 1 is its "
+    "usual weight (docs/method.md). Watch logps_train/chosen.",
 }
 _LARGE_ALPHA_OTHER = "the aligned term can outweigh DPO (docs/method.md). Watch logps_train/chosen."
 

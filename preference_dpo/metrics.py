@@ -33,6 +33,10 @@ METRIC_TAGS: dict[str, tuple[str, str]] = {
         "loss_components/onpolicy_distill_loss",
         "loss_components_eval/onpolicy_distill_loss",
     ),
+    "context_distill_loss": (
+        "loss_components/context_distill_loss",
+        "loss_components_eval/context_distill_loss",
+    ),
     # ALIGN_LOSS=onpolicy_distill, training only: the share of steps on the policy's own answers, their length
     "onpolicy_frac": ("preference_metrics/onpolicy_frac", "preference_metrics_eval/onpolicy_frac"),
     "onpolicy_generated_length": (

@@ -35,7 +35,7 @@ from .collator import split_views
 from .errors import UserInputError
 from .faults import FaultTolerantTrainer
 from .forms import form_for
-from .forms.base import FormInputs, GuidedLogps, GuidedViews
+from .forms.base import FormInputs, GuidedLogps, GuidedViews, ScoredAnswers
 from .head_pass import install as install_head_pass
 from .losses import (
     LMHead,
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 GUIDED_COLUMNS = ("guided_prompt_ids",)
 REFERENCE_GUIDED_COLUMNS = ("ref_guided_chosen_logps", "ref_guided_rejected_logps")
+CONTEXT_ANSWER_COLUMN = "context_answer_ids"  # ALIGN_LOSS=context_distill: the reference's instructed answer
 
 
 @contextlib.contextmanager
@@ -325,6 +326,65 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
             REFERENCE_GUIDED_COLUMNS[1]: torch.cat(rejected).tolist(),
         }
 
+    def precompute_context_answers(self, dataset, name: str):
+        """ALIGN_LOSS=context_distill: the frozen reference's greedy answer, WITH the instruction, to every pair's
+        prompt, once, as a new column (`CONTEXT_ANSWER_COLUMN`); reused across runs from a file beside the data set,
+        keyed like the reference's guided-view columns plus the answers' length bound and the generation code's
+        version."""
+        import transformers
+
+        soft = (
+            "" if self.prompt_embedding is None else hashlib.sha256(self.prompt_embedding.numpy().tobytes()).hexdigest()
+        )
+        fingerprint = reference_fingerprint(
+            dataset, self._reference_key(), "context_answers", soft, self.args.on_policy_max_new_tokens,
+            transformers.__version__,
+        )  # fmt: skip
+        what = f"the reference's instructed answers to the {name} prompts"
+        with random_state_kept():
+            return cached_columns(
+                dataset, fingerprint, lambda: self._context_answer_columns(dataset, name), self.accelerator, what
+            )
+
+    def _context_answer_columns(self, dataset, name: str) -> dict[str, list[list[int]]]:
+        """Greedy answers of the reference to the guided prompts, each up to and including its first end-of-sequence
+        token; ranks answer disjoint batches (every rank's answers padded to one width, then gathered)."""
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+        from transformers import GenerationConfig
+
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size,
+                       collate_fn=self.data_collator, shuffle=False, num_workers=self.args.dataloader_num_workers)
+        )  # fmt: skip
+        pad, eos = self.processing_class.pad_token_id, self.processing_class.eos_token_id
+        width = self.args.on_policy_max_new_tokens
+        config = GenerationConfig(max_new_tokens=width, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+        model, adapter_off = self._reference(self._precompute_policy())
+        unwrapped = self._unwrapped(model)[0]
+        answers: list[list[int]] = []
+        was_training = self.model.training
+        self.model.eval()
+        progress = tqdm(loader, desc=f"Answering the {name} prompts with the instruction", unit="batch",
+                        disable=not self.accelerator.is_local_main_process)  # fmt: skip
+        with torch.no_grad(), evaluation_mode(unwrapped), adapter_off:
+            for batch in progress:
+                _, guided = split_views(batch)
+                ids, mask = guided["prompt_input_ids"], guided["prompt_attention_mask"]  # left-padded
+                inputs = {"input_ids": ids}
+                if "prompt_soft_token_mask" in guided:  # embedding mode: the soft prompt ends each guided prompt
+                    embeds = unwrapped.get_input_embeddings()(ids)
+                    inputs = {"inputs_embeds": self._insert_soft_tokens(embeds, guided["prompt_soft_token_mask"])}
+                new = unwrapped.generate(**inputs, attention_mask=mask, generation_config=config)
+                if "input_ids" in inputs:  # generate returns the prompt before the answer (not after embeddings)
+                    new = new[:, ids.size(1) :]
+                new = torch.nn.functional.pad(new, (0, width - new.size(1)), value=pad)
+                for row in self.accelerator.gather_for_metrics(new).tolist():
+                    answers.append(row[: row.index(eos) + 1] if eos in row else row)
+        self.model.train(was_training)
+        logger.info("Computed the reference's instructed answers to %d %s prompts", len(answers), name)
+        return {CONTEXT_ANSWER_COLUMN: answers}
+
     def _precompute_policy(self):
         """The policy to run a pass before training through (its adapter off, it is the reference).
 
@@ -436,7 +496,7 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = (*GUIDED_COLUMNS, *REFERENCE_GUIDED_COLUMNS, *TEACHER_COLUMNS)
+        extra = (*GUIDED_COLUMNS, *REFERENCE_GUIDED_COLUMNS, *TEACHER_COLUMNS, CONTEXT_ANSWER_COLUMN)
         self._signature_columns = [*self._signature_columns, *(c for c in extra if c not in self._signature_columns)]
 
     def compute_ref_log_probs(self, model, inputs):
@@ -615,8 +675,8 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
         if backbone_outputs:
             student = backbone_outputs[0].last_hidden_state[:, :-1][response]
 
-        def answers():
-            """The policy's own answers to the chosen rows' prompts, scored after both views."""
+        def prompts() -> tuple[list[list[int]], list[list[int]]]:
+            """(base prompts, guided prompts) of the batch's pairs, one each per pair."""
             pairs = base["input_ids"].size(0) // 2
             base_prompts = prompts_of(base["input_ids"], base["attention_mask"], base["completion_mask"], pairs)
             if "prompt_input_ids" in guided:  # shared-prompt layout: the guided prompts, left-padded
@@ -628,12 +688,21 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
                 guided_prompts = prompts_of(
                     guided["input_ids"], guided["attention_mask"], guided["completion_mask"], pairs
                 )
-            return self.score_answers(base_prompts, guided_prompts, self.generate_answers(base_prompts))
+            return base_prompts, guided_prompts
+
+        def score(answers: list[list[int]]) -> ScoredAnswers:
+            """`answers`, one per pair, scored after the pair's base prompt (student) and guided prompt (teacher)."""
+            return self.score_answers(*prompts(), answers)
+
+        def answers() -> ScoredAnswers:
+            """The policy's own answers to the pairs' prompts, scored after both views."""
+            return score(self.generate_answers(prompts()[0]))
 
         return FormInputs(
             mode=mode,
             step=self.state.global_step,
             answers=answers,
+            score=score,
             base=GuidedLogps(*sequence_logps(base_output.log_probs, base["completion_mask"])),
             batch=guided,
             response_lengths=response.sum(1),
@@ -699,8 +768,6 @@ class PreferenceGuidedDPOTrainer(FaultTolerantTrainer, DPOTrainer):
 
         Embedding mode: each guided prompt ends in the k placeholders the soft prompt replaces, as in the views.
         """
-        from .forms.base import ScoredAnswers
-
         pad = self.processing_class.pad_token_id
         device = self.accelerator.device
 

@@ -82,6 +82,8 @@ ARMS = (
     Arm("ref_distill top16 sum a=1 lr5e-4", "ref_distill", 1.0, 5e-4, 16),
     # on the policy's own answers, every step, sampled at temperature 1 (ALIGN_LOSS=onpolicy_distill)
     Arm("onpolicy_distill rkl a=1 lr5e-4", "onpolicy_distill", 1.0, 5e-4),
+    # on the frozen reference's own greedy answers WITH the instruction, precomputed (ALIGN_LOSS=context_distill)
+    Arm("context_distill a=1 lr5e-4", "context_distill", 1.0, 5e-4),
 )
 QUICK_ARMS = ("dpo lr5e-4", "ref_distill top16 sum a=1 lr5e-4")
 # The DEMO=smollm2 settings but 1 epoch of the 88 pairs = 11 steps (the demo runs 2; --epochs 2 for those), the tool's

@@ -24,6 +24,7 @@ FORMS = {
     "distill": "distill:Distill",
     "ref_distill": "distill:RefDistill",
     "onpolicy_distill": "onpolicy:OnPolicyDistill",
+    "context_distill": "context:ContextDistill",
 }
 
 DEFAULT_FORM = "ref_distill"  # the form that transferred in every benchmark (README, "Which ALIGN_LOSS?")
@@ -38,6 +39,7 @@ FORM_DEFAULTS = {
     "distill": {"alpha": 1.0, "top_k": None, "reduction": "token_mean"},
     "ref_distill": {"alpha": 1.0, "top_k": 16, "reduction": "sequence_sum"},
     "onpolicy_distill": {"alpha": 1.0, "top_k": None, "reduction": "token_mean"},
+    "context_distill": {"alpha": 1.0, "top_k": None, "reduction": "token_mean"},
 }
 
 

@@ -34,9 +34,10 @@ class GuidedLogps:
 
 @dataclass(frozen=True)
 class ScoredAnswers:
-    """Answers (the policy's own, for the on-policy form) scored after both views: the final hidden states at
-    the positions that predict each answer token, answer after answer, of the student (the policy without the
-    instruction, with gradient) and of the teacher (the frozen reference with it), and their LM heads."""
+    """Answers (the policy's own for the on-policy form, the reference's for the context form) scored after both
+    views: the final hidden states at the positions that predict each answer token, answer after answer, of the
+    student (the policy without the instruction, with gradient) and of the teacher (the frozen reference with
+    it), and their LM heads."""
 
     student: torch.Tensor
     teacher: torch.Tensor
@@ -85,6 +86,7 @@ class FormInputs:
     head_kl: torch.Tensor | None = None  # per response position: the KL to `head_teacher`, from the head pass
     step: int = 0  # the optimizer step being taken (0-based)
     answers: Callable[[], ScoredAnswers] | None = None  # the policy's own answers to the pairs' prompts, scored
+    score: Callable[[list[list[int]]], ScoredAnswers] | None = None  # given answers (one per pair), scored
     _answers: ScoredAnswers | None = None
 
     def own_answers(self) -> ScoredAnswers:
