@@ -17,6 +17,7 @@ model, batches and settings, in one process:
   I  B with ALIGN_LOSS=ref_distill --distill_top_k K (`--top_k`, default 64; the teacher precomputed)
   J  B with ALIGN_LOSS=ref_hinge (the reference's guided margins precomputed)
   K  B with ALIGN_LOSS=onpolicy_distill (every step generates ON_POLICY_TOKENS tokens per pair, then scores them)
+  L  B with ALIGN_LOSS=context_distill (the reference's answers, ON_POLICY_TOKENS tokens each, generated at setup)
 The weights are random: step time and memory depend on the shape, not on the values. `smollm2` is
 SmolLM2-135M-Instruct's architecture (Llama) at the real-model benchmark's batch, 8 pairs of 160 tokens.
 Steps run round-robin (A B C D A B C D ...) so machine drift hits all alike. Per configuration: median
@@ -142,7 +143,7 @@ class RssPeak:
         return self.peak - self.base
 
 
-# Kind K's answers: random weights rarely end one, so each step generates this many tokens per pair.
+# Kinds K and L's answers: random weights rarely end one, so each answer has this many tokens.
 ON_POLICY_TOKENS = 32
 
 
@@ -174,8 +175,8 @@ def make_trainer(kind: str, model, dataset, args_kwargs, soft_embedding, top_k: 
         guided_forward = "full" if kind in "EF" else "shared_prompt"
         embedding = kind in "CF"
         align_loss = {"G": "distill", "H": "ref_distill", "I": "ref_distill", "J": "ref_hinge",
-                      "K": "onpolicy_distill"}.get(kind, "hinge")  # fmt: skip
-        on_policy = {"on_policy_max_new_tokens": ON_POLICY_TOKENS} if kind == "K" else {}
+                      "K": "onpolicy_distill", "L": "context_distill"}.get(kind, "hinge")  # fmt: skip
+        on_policy = {"on_policy_max_new_tokens": ON_POLICY_TOKENS} if kind in "KL" else {}
         args = PreferenceDPOConfig(max_length=max_length, aligned_loss_weight=alpha, guided_forward=guided_forward,
                                    align_loss=align_loss, distill_top_k={"I": top_k, "H": 0}.get(kind),
                                    distill_reduction="token_mean", **on_policy, **args_kwargs)  # fmt: skip
@@ -208,7 +209,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=None, help="pairs per step (default: 4; smollm2: 8)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFGHIJK")
+    parser.add_argument("--kinds", default="ABCDEF", help="configurations to run, a subset of ABCDEFGHIJKL")
     parser.add_argument("--top_k", type=int, default=64, help="K of configuration I")
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default: bench/results/<config>.json)")
     parser.add_argument(
@@ -344,6 +345,7 @@ def main(argv=None) -> None:
         "H": "ref_distill",
         "I": f"ref_dist K{args.top_k}",
         "K": "onpolicy",
+        "L": "context",
         "J": "ref_hinge",
     }
     lines = [

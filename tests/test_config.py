@@ -178,6 +178,24 @@ def test_launcher_overrides_from_environment_and_gpu_command():
     assert argv[argv.index("--distill_reduction") + 1] == "sequence_sum"
 
 
+@pytest.mark.parametrize("form", ["onpolicy_distill", "context_distill"])
+def test_the_answer_forms_refuse_what_they_cannot_run(model_dir, form):
+    """The forms that score answers through the frozen reference refuse, before any weight loads, ZeRO-3, the
+    full guided layout and a run with no reference (no LoRA, no REFERENCE_MODEL_PATH), each naming the fix."""
+    from preference_dpo.config import validate
+
+    flags = [*model_dir, "--align_loss", form]
+    data, model, train = parse_args(flags)
+    validate(data, model, train)
+    train.deepspeed = str(REPO / "ds_config_zero3.json")
+    with pytest.raises(UserInputError, match=rf"ALIGN_LOSS \(--align_loss\)={form} is not supported with ZeRO-3"):
+        validate(data, model, train)
+    with pytest.raises(UserInputError, match=rf"{form} needs --guided_forward shared_prompt"):
+        parse_args([*flags, "--guided_forward", "full"])
+    with pytest.raises(UserInputError, match=r"without LoRA has no frozen reference .* REFERENCE_MODEL_PATH"):
+        parse_args([*flags, "--use_peft", "false"])
+
+
 def test_launcher_is_bash_n_clean():
     subprocess.run(["bash", "-n", str(LAUNCHER)], check=True)
 
@@ -201,6 +219,7 @@ def test_merge_adapter_is_refused_under_zero3(model_dir):
         (["--align_loss", "ref_hinge"], ("ref_hinge", 0.1, None, "token_mean")),
         (["--align_loss", "distill"], ("distill", 1.0, None, "token_mean")),
         (["--align_loss", "onpolicy_distill"], ("onpolicy_distill", 1.0, None, "token_mean")),
+        (["--align_loss", "context_distill"], ("context_distill", 1.0, None, "token_mean")),
         (["--distill_top_k", "0"], ("ref_distill", 1.0, 0, "sequence_sum")),  # 0: the exact KL
         (["--aligned_loss_weight", "0.3", "--distill_reduction", "token_mean"], ("ref_distill", 0.3, 16, "token_mean")),
         (["--align_loss", "hinge", "--aligned_loss_weight", "0"], ("hinge", 0.0, None, "token_mean")),

@@ -220,6 +220,28 @@ def test_no_cache_recomputes_and_keeps_nothing(tmp_path, tiny_model_dir, small_d
     assert not (tmp_path / "cache").exists() and not (out / ".tokenized").exists()
 
 
+def test_the_context_form_through_the_launcher_and_its_rerun(tmp_path, tiny_model_dir, small_data):
+    """ALIGN_LOSS=context_distill through fast_train.sh: every tag of the form is written (none of the other
+    forms'), and a rerun with another seed reuses the reference's answers of both splits instead of generating."""
+    settings = {"ALIGN_LOSS": "context_distill", "ALPHA": "1", "MAX_STEPS": "2"}
+    out, logs, result = run_launcher(tmp_path, tiny_model_dir, small_data, **settings)
+    values = scalars(logs)
+    expected, not_written = logged_tags("context_distill")
+    assert expected <= set(values), sorted(expected - set(values))
+    assert not not_written & set(values)
+    assert all(v > 0 for v in values["loss_components/context_distill_loss"])
+    first = result.stdout + result.stderr
+    assert "Computed the reference's instructed answers to 48 train prompts" in first
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    (rerun / "cache").symlink_to(tmp_path / "cache")
+    _, _, again = run_launcher(rerun, tiny_model_dir, small_data, SEED="7", **settings)
+    output = again.stdout + again.stderr
+    assert "Computed the reference's instructed answers" not in output
+    for split in ("train", "eval"):
+        assert f"Reused the reference's instructed answers to the {split} prompts from the cache" in output
+
+
 def test_the_on_policy_form_through_the_launcher(tmp_path, tiny_model_dir, small_data):
     """ALIGN_LOSS=onpolicy_distill DISTILL_ON_POLICY_FRAC=0.5 through fast_train.sh: every tag of the form is
     written (none of the other forms'), half the steps generated, and generation's time is reported."""

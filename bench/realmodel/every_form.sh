@@ -31,6 +31,7 @@ run hinge ALIGN_LOSS=hinge
 run ref_hinge ALIGN_LOSS=ref_hinge
 run distill ALIGN_LOSS=distill
 run onpolicy_distill ALIGN_LOSS=onpolicy_distill
+run context_distill ALIGN_LOSS=context_distill
 run plain_dpo ALPHA=0
 run ptune STAGE=ptune
 run all STAGE=all
