@@ -7,6 +7,7 @@ import pytest
 from preference_dpo import report
 from preference_dpo.checkpoints import RUN_CONFIG_NAME, clear_previous_run
 from preference_dpo.config import parse_args
+from preference_dpo.forms import FORMS
 
 
 @pytest.fixture(autouse=True)
@@ -260,7 +261,7 @@ def test_large_alpha_warning_describes_the_form_in_use(model_dir, caplog, form, 
 
 def test_the_default_alpha_of_each_form_is_not_warned_about(model_dir, caplog):
     with caplog.at_level(logging.WARNING):
-        for form in ("ref_distill", "distill", "onpolicy_distill", "hinge", "ref_hinge"):
+        for form in FORMS:
             parse_args([*model_dir, "--align_loss", form])
     assert not [r for r in caplog.records if "ALPHA" in r.getMessage()]
 
